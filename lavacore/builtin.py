@@ -1,0 +1,38 @@
+"""The core's own hook implementations: the defaults, all ``trylast`` so that any
+installed plugin answering the same hook takes precedence."""
+
+import datetime
+
+from . import devices
+from .hookspecs import hookimpl
+from .states import DeviceHealth
+
+
+@hookimpl(trylast=True)
+def device_config(master, device, context):
+    return master.templates.render(device.hostname, context)
+
+
+@hookimpl(trylast=True)
+def start_job(master, job, device):
+    definition = devices.yaml_load(job.definition) or {}
+    context = definition.get("context") or {}
+    config = master.hook.device_config(master=master, device=device, context=context)
+    dispatcher, env, env_dut = devices.worker_files(master.config, job.worker, master.storage)
+    return [devices.StartMessage(job.worker, job.id, job.definition,
+                                 devices.yaml_dump(config), dispatcher, env, env_dut)]
+
+
+@hookimpl(trylast=True)
+def health_check_due(master, device, device_type, last_check, jobs_since, now):
+    """Spec 9.1: Unknown or Looping devices, never checked, or due by jobs or hours."""
+    if device.health in (DeviceHealth.UNKNOWN, DeviceHealth.LOOPING):
+        return True
+    if last_check is None:
+        return True
+    if device_type.health_denominator == "jobs":
+        return jobs_since >= device_type.health_frequency
+    due = last_check.submit_time + datetime.timedelta(
+        hours=device_type.health_frequency).total_seconds()
+    return due < now
+

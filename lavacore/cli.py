@@ -1,0 +1,386 @@
+"""The command line (contracts.md). ``main(argv) -> int``; thin over the same storage,
+Flow and submission code the master and the API use.
+
+Exit status 0 on success, 1 on a user error with one line on stderr, never a traceback.
+Changes made here are announced to a running master over the storage's notification
+channel, so it reacts at once (a submitted job is started in milliseconds).
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from . import __version__
+
+class UserError(Exception):
+    """A one-line error for the person at the terminal."""
+
+
+class Session:
+    """What a command needs: config, plugins, storage and a Flow that notifies the master."""
+
+    def __init__(self, config_path):
+        from . import config as config_mod
+        from . import plugins
+        from .clock import Clock
+        from .flow import Flow
+        from .master import open_storage
+
+        self.config = config_mod.load(config_path)
+        self.pm = plugins.build(self.config)
+        self.pm.hook.configure(config=self.config, master=None)
+        self.storage = open_storage(self.config, self.pm)
+        self.clock = Clock()
+        self.flow = Flow(self.storage, self.clock, self.publish, self.pm.hook, None)
+
+    def publish(self, kind, data, username=None):
+        self.storage.publish_event({"kind": kind, "data": data, "username": username})
+
+    def close(self):
+        self.storage.close()
+
+
+def _print_json(data):
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _table(rows, columns):
+    if not rows:
+        return
+    widths = [max(len(str(c)), *(len(str(r.get(c, "") or "")) for r in rows)) for c in columns]
+    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in rows:
+        print("  ".join(str(row.get(c, "") if row.get(c) is not None else "-").ljust(w)
+                        for c, w in zip(columns, widths)).rstrip())
+
+
+# -- commands ---------------------------------------------------------------------------
+
+def cmd_master(args):
+    from gevent import monkey  # noqa: F401  (explicit green APIs are used; no patching)
+
+    from . import config as config_mod
+    from .master import Master
+
+    _setup_logging(args.log_level)
+    config = config_mod.load(args.config)
+    master = Master(config)
+    master.start()
+    return master.serve_forever()
+
+
+def cmd_submit(args, session):
+    from .jobs import JobError, submit
+
+    path = args.definition
+    try:
+        if path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(path, "rb") as handle:
+                text = handle.read()
+    except OSError as exc:
+        raise UserError("%s: cannot read: %s" % (path, exc.strerror)) from None
+    try:
+        jobs = submit(session.storage, session.pm.hook, None, text, args.user or "",
+                      session.clock.time())
+    except JobError as exc:
+        raise UserError("%s: %s" % (path, exc)) from None
+    session.flow.submitted(jobs)
+    for job in jobs:
+        print(job.id)
+    return 0
+
+
+def _job(session, job_id):
+    from .storage import NotFound
+
+    try:
+        return session.storage.get_job(_job_id(job_id))
+    except NotFound:
+        raise UserError("job %s: no such job" % job_id) from None
+
+
+def _job_id(text):
+    try:
+        value = int(str(text).split(".")[0])
+    except ValueError:
+        raise UserError("job id %r: not a number" % text) from None
+    if value < 0:
+        raise UserError("job id %r: not a valid id" % text)
+    return value
+
+
+def job_details(session, job):
+    data = job.to_dict()
+    counts = session.storage.testcase_counts(job.id)
+    data["results"] = {key: counts.get(key, 0) for key in ("pass", "fail", "skip", "unknown")}
+    for key, value in counts.items():
+        data["results"].setdefault(key, value)
+    if job.target_group:
+        data["group"] = [{"id": j.id, "sub_id": j.sub_id, "state": j.state.display,
+                          "health": j.health.display, "device": j.actual_device}
+                         for j in session.storage.list_jobs(target_group=job.target_group)]
+    return data
+
+
+def cmd_jobs_show(args, session):
+    job = _job(session, args.id)
+    data = job_details(session, job)
+    if args.json:
+        _print_json(data)
+        return 0
+    for key in ("id", "description", "submitter", "state", "health", "device_type", "device",
+                "worker", "priority", "tags", "submit_time", "start_time", "end_time",
+                "failure_comment"):
+        value = data.get(key)
+        print("%-16s %s" % (key + ":", "-" if value in (None, [], "") else value))
+    results = ", ".join("%s %d" % (k, v) for k, v in data["results"].items())
+    print("%-16s %s" % ("results:", results))
+    for member in data.get("group", ()):
+        print("%-16s %s %s %s/%s on %s" % ("group:", member["id"], member["sub_id"],
+                                           member["state"], member["health"],
+                                           member["device"] or "-"))
+    return 0
+
+
+def cmd_jobs_list(args, session):
+    from .states import JobState
+
+    filters = {}
+    if args.state:
+        try:
+            filters["state"] = JobState.parse(args.state)
+        except ValueError as exc:
+            raise UserError("--state: %s" % exc) from None
+    jobs = session.storage.list_jobs(limit=args.limit, order="-id", **filters)
+    rows = [job.to_dict() for job in jobs]
+    if args.json:
+        _print_json(rows)
+    else:
+        _table(rows, ["id", "state", "health", "device_type", "device", "submitter",
+                      "description"])
+    return 0
+
+
+def cmd_jobs_cancel(args, session):
+    job = _job(session, args.id)
+    canceled = session.flow.cancel(job.id, username=args.user or "")
+    if canceled is None:
+        job = session.storage.get_job(job.id)
+        print("job %d is already %s" % (job.id, job.state.display), file=sys.stderr)
+        return 0
+    print("job %d: %s" % (job.id, canceled.state.display))
+    return 0
+
+
+def _format_line(line):
+    from .logformat import parse_line
+
+    try:
+        data = parse_line(line)
+    except ValueError:
+        return line
+    msg = data.get("msg")
+    if isinstance(msg, dict):
+        msg = json.dumps(msg)
+    return "%s %-8s %s" % (str(data.get("dt", ""))[:19], data.get("lvl", ""), msg)
+
+
+def cmd_jobs_logs(args, session):
+    from .states import JobState
+
+    job = _job(session, args.id)
+    path = os.path.join(job.output_dir(session.config.resolve(
+        session.config.master.output_dir)), "output.yaml")
+    position = 0
+    pending = ""
+    while True:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                handle.seek(position)
+                chunk = handle.read()
+                position = handle.tell()
+        except FileNotFoundError:
+            chunk = ""
+        pending += chunk
+        *lines, pending = pending.split("\n")
+        for line in lines:
+            if line.startswith("- "):
+                line = line[2:]
+            print(line if args.raw else _format_line(line), flush=True)
+        if not args.follow:
+            break
+        state = session.storage.get_job(job.id).state
+        if state == JobState.FINISHED and not chunk:
+            job = session.storage.get_job(job.id)
+            print("job %d: %s, %s" % (job.id, job.state.display, job.health.display),
+                  file=sys.stderr)
+            break
+        time.sleep(args.interval)
+    return 0
+
+
+def cmd_jobs_results(args, session):
+    job = _job(session, args.id)
+    cases = session.storage.list_testcases(job.id)
+    if args.json:
+        suites = {}
+        for case in cases:
+            suites.setdefault(case.suite, []).append(case.to_dict())
+        _print_json({"job": job.id, "suites": [{"name": name, "tests": tests}
+                                               for name, tests in suites.items()]})
+        return 0
+    rows = [{"suite": c.suite, "case": c.name, "result": c.result,
+             "measurement": c.measurement, "units": c.units} for c in cases]
+    _table(rows, ["suite", "case", "result", "measurement", "units"])
+    return 0
+
+
+def cmd_devices_list(args, session):
+    rows = [d.to_dict() for d in session.storage.list_devices()]
+    if args.json:
+        _print_json(rows)
+    else:
+        _table(rows, ["hostname", "device_type", "worker", "state", "health", "current_job"])
+    return 0
+
+
+def cmd_workers_list(args, session):
+    rows = [w.to_dict() for w in session.storage.list_workers()]
+    if args.json:
+        _print_json(rows)
+    else:
+        _table(rows, ["hostname", "state", "health", "last_ping"])
+    return 0
+
+
+def cmd_tokens_create(args, session):
+    from . import tokens
+
+    try:
+        token = tokens.create(session.storage, args.username, args.description or "",
+                              session.clock.time())
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(token)
+    return 0
+
+
+def cmd_db_migrate(args, session):
+    print("schema version %d" % session.storage.schema_version())
+    return 0
+
+
+# -- parsing ----------------------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="lavacore", description="LAVA protocol v3 test-job dispatcher")
+    parser.add_argument("-c", "--config", default="config.toml",
+                        help="config file (default: ./config.toml)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version="lavacore " + __version__)
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("master", help="run the master (the default command)")
+
+    p = sub.add_parser("submit", help="submit a job definition; prints job ids")
+    p.add_argument("definition", help="YAML job definition file, or - for stdin")
+    p.add_argument("--user", default=os.environ.get("USER", ""),
+                   help="submitter name (default: $USER)")
+    p.set_defaults(func=cmd_submit)
+
+    jobs = sub.add_parser("jobs", help="show, list, cancel jobs; their logs and results")
+    jsub = jobs.add_subparsers(dest="jobs_command", required=True)
+    p = jsub.add_parser("show")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_show)
+    p = jsub.add_parser("list")
+    p.add_argument("--state")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_list)
+    p = jsub.add_parser("cancel")
+    p.add_argument("id")
+    p.add_argument("--user", default=os.environ.get("USER", ""))
+    p.set_defaults(func=cmd_jobs_cancel)
+    p = jsub.add_parser("logs")
+    p.add_argument("id")
+    p.add_argument("--follow", "-f", action="store_true")
+    p.add_argument("--raw", action="store_true", help="print the YAML lines as stored")
+    p.add_argument("--interval", type=float, default=0.2, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_jobs_logs)
+    p = jsub.add_parser("results")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs_results)
+
+    devices = sub.add_parser("devices", help="list devices")
+    dsub = devices.add_subparsers(dest="devices_command", required=True)
+    p = dsub.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices_list)
+
+    workers = sub.add_parser("workers", help="list workers")
+    wsub = workers.add_subparsers(dest="workers_command", required=True)
+    p = wsub.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_workers_list)
+
+    tokens = sub.add_parser("tokens", help="API tokens")
+    tsub = tokens.add_subparsers(dest="tokens_command", required=True)
+    p = tsub.add_parser("create")
+    p.add_argument("username")
+    p.add_argument("--description", default="")
+    p.set_defaults(func=cmd_tokens_create)
+
+    db = sub.add_parser("db", help="database schema")
+    bsub = db.add_subparsers(dest="db_command", required=True)
+    p = bsub.add_parser("migrate")
+    p.set_defaults(func=cmd_db_migrate)
+    return parser
+
+
+def _setup_logging(level):
+    logging.basicConfig(level=getattr(logging, level),
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "worker":
+        from .worker.cli import main as worker_main
+
+        return worker_main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .config import ConfigError
+    from .jobs import JobError
+    from .storage import StorageError
+
+    errors = (UserError, ConfigError, JobError, StorageError)
+    try:
+        if args.command in (None, "master"):
+            return cmd_master(args)
+        _setup_logging("WARNING")
+        session = Session(args.config)
+        try:
+            return args.func(args, session)
+        finally:
+            session.close()
+    except errors as exc:
+        print("lavacore: %s" % exc, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

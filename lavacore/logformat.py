@@ -1,0 +1,53 @@
+"""Job log lines as lava-run sends them on its PUSH socket: ``[job_id, line]``.
+
+Each line is one YAML flow mapping ``{"dt": ..., "lvl": ..., "msg": ...}``. lava-run dumps
+it with double-quoted YAML scalars; lavacore's runner writes JSON, which is valid YAML of
+the same shape. Readers try JSON first (fast) and fall back to YAML for lava-run's lines.
+"""
+
+import datetime
+import json
+
+import yaml
+
+try:
+    _Loader = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover - libyaml is in the wheels we install
+    _Loader = yaml.SafeLoader
+
+LEVELS = ("debug", "info", "warning", "error", "exception", "target", "input", "feedback",
+          "results", "event", "marker")
+
+
+def utcnow_iso():
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None).isoformat()
+
+
+def make_line(lvl, msg, dt=None):
+    """One log line as text (no trailing newline, no leading ``- ``)."""
+    return json.dumps({"dt": dt or utcnow_iso(), "lvl": lvl, "msg": msg},
+                      ensure_ascii=False, separators=(", ", ": "))
+
+
+def result_line(definition, case, result, measurement=None, units=None, **extra):
+    msg = {"definition": definition, "case": case, "result": result}
+    if measurement is not None:
+        msg["measurement"] = measurement
+    if units is not None:
+        msg["units"] = units
+    msg.update(extra)
+    return make_line("results", msg)
+
+
+def parse_line(text):
+    """Return the mapping of one line, or raise ValueError saying why it is not one."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        try:
+            data = yaml.load(text, Loader=_Loader)
+        except yaml.YAMLError as exc:
+            raise ValueError("not a YAML mapping: %s" % str(exc).splitlines()[0]) from None
+    if not isinstance(data, dict) or "lvl" not in data:
+        raise ValueError("not a log mapping with 'lvl'")
+    return data

@@ -1,0 +1,460 @@
+"""The composition root: builds the master from a config, starts and stops its services,
+and holds the few decisions that join them (schedule -> START, END + result -> Finished).
+
+Nothing is bound or spawned before ``start()``; tests build a fresh Master per test.
+"""
+
+import logging
+import os
+import signal
+
+import gevent
+import gevent.event
+import zmq.green as zmq
+
+from . import devices, plugins, protocol
+from .clock import Clock
+from .config import ConfigError
+from .flow import Flow
+from .models import DeviceType, TestCase, Worker
+from .scheduling import SchedulingView
+from .services.controller import Controller
+from .services.events import EventService
+from .services.logs import LogService
+from .services.scheduler import NotifyService, SchedulerService, WatchdogService
+from .states import (INFRASTRUCTURE_ERRORS, DeviceHealth, JobHealth, JobState, WorkerState)
+from .storage import NotFound, StorageError
+
+log = logging.getLogger("lavacore.master")
+
+
+def open_storage(config, pm):
+    storage = pm.hook.storage(config=config)
+    if storage is None:
+        raise ConfigError("[storage] backend: no storage plugin named %r is installed"
+                          % config.storage.backend)
+    storage.open()
+    storage.migrate()
+    return storage
+
+
+class Master:
+    def __init__(self, config, pm=None, clock=None, storage=None):
+        self.config = config
+        self.pm = pm
+        self.clock = clock or Clock()
+        self.storage = storage
+        self.context = None
+        self.services = []
+        self.exit_code = 0
+        self.auth_required = False
+        self.output_root = config.resolve(config.master.output_dir)
+        self._stopped = gevent.event.Event()
+        self._done = gevent.event.Event()
+        self._started = False
+        self._result_timers = {}
+        self.local_worker = None
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def start(self):
+        if self.pm is None:
+            self.pm = plugins.build(self.config)
+        self.hook.configure(config=self.config, master=self)
+        if self.storage is None:
+            self.storage = open_storage(self.config, self.pm)
+        self.templates = devices.DeviceTemplates(
+            self.config.resolve(self.config.master.dispatcher_config), self.storage)
+        self.context = zmq.Context()
+        self.context.set(zmq.MAX_SOCKETS, 65536)
+        self.events = EventService(self)
+        self.flow = Flow(self.storage, self.clock, self.events.publish, self.hook, self)
+        self.storage.set_all_workers_offline()
+        self._sync_devices()
+        self.logs = LogService(self)
+        self.controller = Controller(self)
+        self.scheduler = SchedulerService(self)
+        self.watchdog = WatchdogService(self)
+        self.notify = NotifyService(self)
+        self.services = [self.events, self.logs, self.controller, self.notify]
+        for extra in self.hook.register_services(master=self):
+            self.services.extend(extra or ())
+        self.services += [self.scheduler, self.watchdog]
+        self._started = True
+        try:
+            for service in self.services:
+                greenlet = service.start()
+                greenlet.link_exception(self._service_died)
+        except Exception:
+            self.stop()
+            raise
+        self._start_local_worker()
+        log.info("master started (storage %s, scheduler %s, %d services)",
+                 self.storage.name, self.config.scheduler.plugin, len(self.services))
+        return self
+
+    def _service_died(self, greenlet):
+        # Crash-only: a bug in a service stops the master with a clear line and exit 1.
+        exc = greenlet.exception
+        log.critical("service %s crashed: %s: %s; stopping", greenlet.name,
+                     type(exc).__name__, exc, exc_info=(type(exc), exc, exc.__traceback__))
+        self.exit_code = 1
+        gevent.spawn(self.stop)
+
+    def stop(self):
+        if self._stopped.is_set():
+            self._done.wait()
+            return
+        self._stopped.set()
+        if self.local_worker is not None:
+            self.local_worker.stop()
+        for timer in self._result_timers.values():
+            timer.kill(block=False)
+        for service in reversed(self.services):
+            try:
+                service.stop()
+            except Exception:
+                log.exception("stopping service %s failed", service.name)
+        if self.context is not None:
+            self.context.term()
+            self.context = None
+        if self.storage is not None:
+            self.storage.close()
+        log.info("master stopped")
+        self._done.set()
+
+    def serve_forever(self):
+        """Run until SIGTERM/SIGINT (exit 0) or a service crash (exit 1). A second SIGINT
+        kills at once. SIGHUP reloads device dictionaries and worker configuration."""
+        interrupts = []
+
+        def on_stop(signum):
+            if signum == signal.SIGINT and interrupts:
+                os._exit(130)
+            interrupts.append(signum)
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            gevent.spawn(self.stop)
+
+        handlers = [gevent.signal_handler(signal.SIGTERM, on_stop, signal.SIGTERM),
+                    gevent.signal_handler(signal.SIGINT, on_stop, signal.SIGINT),
+                    gevent.signal_handler(signal.SIGHUP, self.reload)]
+        try:
+            self._done.wait()
+        finally:
+            for handler in handlers:
+                handler.cancel()
+        return self.exit_code
+
+    def reload(self):
+        log.info("reloading device dictionaries and worker configuration")
+        self.templates.reload()
+        self.hook.configure(config=self.config, master=self)
+        self.scheduler.wake()
+
+    def _sync_devices(self):
+        """Devices listed in config.toml are created (or their type, worker and tags
+        updated); their health is set only when they are created, so an administrator's
+        later change is kept."""
+        for item in self.config.devices:
+            try:
+                device = self.storage.get_device(item.hostname)
+            except NotFound:
+                from .models import Device
+
+                self.storage.add_device(Device(
+                    item.hostname, item.device_type, item.worker,
+                    health=DeviceHealth.parse(item.health), tags=item.tags,
+                    is_public=item.public))
+                continue
+            self.storage.add_device_type(DeviceType(item.device_type))
+            self.storage.add_worker(Worker(item.worker))
+            if (device.device_type, device.worker, tuple(device.tags), device.is_public) != (
+                    item.device_type, item.worker, tuple(sorted(item.tags)), item.public):
+                self.storage.update_device(item.hostname, device_type=item.device_type,
+                                           worker=item.worker, tags=item.tags,
+                                           is_public=item.public)
+
+    def _start_local_worker(self):
+        local = self.config.local_worker
+        if local is None:
+            return
+        from .worker.slave import Worker as LocalWorker
+
+        master_url = local.master or _connectable(self.controller.endpoint)
+        logs_url = local.logs or _connectable(self.logs.endpoint)
+        self.local_worker = LocalWorker(
+            master=master_url, logs=logs_url, hostname=local.hostname,
+            work_dir=self.config.resolve(local.work_dir), runner=local.runner,
+            **local.options)
+        self.local_worker.start()
+        log.info("local worker %s started (work dir %s)", local.hostname,
+                 self.config.resolve(local.work_dir))
+
+    # -- reactions ----------------------------------------------------------------------
+
+    def on_event(self, kind, data):
+        """Every event, ours or another process's, may call for an immediate action."""
+        if kind == "testjob":
+            state = data.get("state")
+            if state == "Submitted":
+                self.scheduler.wake()
+            elif state == "Canceling":
+                self.send_cancel(data.get("job"))
+            elif state == "Finished":
+                job_id = _int(data.get("job"))
+                if job_id is not None:
+                    self.logs.forget(job_id)
+                self.scheduler.wake()
+        elif kind == "device":
+            if data.get("state") == "Idle" and data.get("health") in ("Good", "Unknown",
+                                                                       "Looping"):
+                self.scheduler.wake()
+        elif kind in ("worker", "reload"):
+            if kind == "reload":
+                self.templates.reload()
+            self.scheduler.wake()
+
+    def notified(self, payload):
+        """A change made by another process (see Storage.publish_event)."""
+        kind = payload.get("kind")
+        data = payload.get("data") or {}
+        if kind in ("testjob", "device", "worker", "event"):
+            self.events.publish(kind, data, payload.get("username"))
+        else:
+            self.on_event(kind, data)
+
+    def worker_online(self, hostname):
+        self.resend_starts(worker=hostname)
+        self.resend_cancels(worker=hostname)
+        self.scheduler.wake()
+
+    # -- scheduling and starting --------------------------------------------------------
+
+    def schedule_pass(self):
+        """Ask the scheduler plugin for assignments, apply them, START what was placed."""
+        try:
+            view = SchedulingView(self.storage)
+            if not view.device_types():
+                return []
+            assignments = self.hook.schedule(master=self, queue=view) or []
+            started = []
+            for job_id, hostname in assignments:
+                placed = self.flow.schedule(job_id, hostname)
+                if placed is None:
+                    log.warning("[job %s] the scheduler placed it on %s, which is not"
+                                " possible now; skipped", job_id, hostname)
+                    continue
+                job, device = placed
+                log.info("[job %d] Scheduled on %s (worker %s)", job.id, device.hostname,
+                         device.worker)
+                self.start_job(job, device)
+                started.append(job.id)
+            return started
+        except StorageError as exc:
+            log.error("scheduling pass failed: %s", exc)
+            return []
+
+    def full_pass(self):
+        self.schedule_pass()
+        try:
+            self.resend_starts()
+            self.resend_cancels()
+        except StorageError as exc:
+            log.error("resend pass failed: %s", exc)
+
+    def start_job(self, job, device):
+        """Build the START messages (hook), keep their files, send them. A job whose files
+        cannot be prepared fails alone: Incomplete, Infrastructure (spec 5.5 step 6)."""
+        try:
+            messages = self.hook.start_job(master=self, job=job, device=device)
+        except devices.JobSetupError as exc:
+            self.fail_job_setup(job, str(exc))
+            return
+        except Exception as exc:  # a plugin bug must not leave the job Scheduled forever
+            log.exception("[job %d] preparing START failed", job.id)
+            self.fail_job_setup(job, "%s: %s" % (type(exc).__name__, exc))
+            return
+        for message in messages or ():
+            self._write_start_files(message)
+            self.send_start(message)
+
+    def _write_start_files(self, message):
+        job = self.storage.get_job(message.job_id)
+        output = job.output_dir(self.output_root)
+        try:
+            os.makedirs(output, exist_ok=True)
+            for name, text in message.files().items():
+                with open(os.path.join(output, name), "w", encoding="utf-8") as handle:
+                    handle.write(text or "")
+        except OSError as exc:
+            log.error("[job %d] cannot save its START files in %s: %s", job.id, output, exc)
+
+    def send_start(self, message):
+        if message.worker not in self.controller.seen:
+            return  # resent when the worker comes online
+        self.controller.send(message.worker, protocol.start(message.job_id, *message.frames()))
+
+    def fail_job_setup(self, job, reason):
+        log.error("[job %d] cannot start: %s", job.id, reason)
+        self.storage.add_testcases([TestCase(
+            job_id=job.id, suite="lava", name="job", result="fail",
+            metadata='{"error_type": "Infrastructure", "error_msg": %s}' % _json(reason),
+            logged=self.clock.time())])
+        self.flow.record_result(job.id, "fail", "Infrastructure", reason)
+        self.flow.finish(job.id, JobHealth.INCOMPLETE, infrastructure_error=True,
+                         comment=reason)
+
+    def resend_starts(self, worker=None):
+        """START again for jobs still Scheduled, from the files kept at the first START."""
+        for job in self.storage.list_jobs(state=JobState.SCHEDULED, worker=worker):
+            if job.worker not in self.controller.seen:
+                continue
+            output = job.output_dir(self.output_root)
+            texts = []
+            for name in ("job.yaml", "device.yaml", "dispatcher.yaml", "env.yaml",
+                         "env.dut.yaml"):
+                try:
+                    with open(os.path.join(output, name), encoding="utf-8") as handle:
+                        texts.append(handle.read())
+                except OSError:
+                    texts = None
+                    break
+            if texts is None:
+                device = self.storage.get_device(job.actual_device) if job.actual_device \
+                    else None
+                self.start_job(job, device)
+            else:
+                self.controller.send(job.worker, protocol.start(job.id, *texts))
+
+    def send_cancel(self, job_id):
+        job_id = _int(job_id)
+        if job_id is None:
+            return
+        try:
+            job = self.storage.get_job(job_id)
+        except NotFound:
+            return
+        if job.state == JobState.CANCELING and job.worker:
+            if job.worker in self.controller.seen:
+                self.controller.send(job.worker, protocol.cancel(job.id))
+
+    def resend_cancels(self, worker=None):
+        for job in self.storage.list_jobs(state=JobState.CANCELING, worker=worker):
+            if job.worker in self.controller.seen:
+                self.controller.send(job.worker, protocol.cancel(job.id))
+
+    # -- results and the end of jobs ----------------------------------------------------
+
+    def job_result(self, case):
+        """The lava/job result arrived on the log stream."""
+        metadata = _metadata(case.metadata)
+        error_type = metadata.get("error_type")
+        error_msg = metadata.get("error_msg")
+        try:
+            job = self.storage.get_job(case.job_id)
+        except NotFound:
+            return
+        if job.state == JobState.FINISHED:
+            return
+        self.flow.record_result(job.id, case.result, error_type, error_msg)
+        if job.end_seen is not None:
+            job = self.storage.get_job(job.id)
+            self.finish_from_result(job, job.failure_comment)
+
+    def finish_from_result(self, job, comment=None):
+        self._cancel_result_timer(job.id)
+        if job.result == "pass":
+            self.flow.finish(job.id, JobHealth.COMPLETE)
+            return
+        infra = job.error_type in INFRASTRUCTURE_ERRORS
+        reason = job.error_msg or comment
+        if job.error_type and job.error_msg:
+            reason = "%s: %s" % (job.error_type, job.error_msg)
+        self.flow.finish(job.id, JobHealth.INCOMPLETE, infrastructure_error=infra,
+                         comment=reason)
+
+    def watch_result(self, job_id):
+        """END came with a description but no lava/job result yet: finish the job as
+        Incomplete if none arrives within result_grace."""
+        self._cancel_result_timer(job_id)
+        self._result_timers[job_id] = gevent.spawn_later(
+            self.config.master.result_grace, self._result_overdue, job_id)
+
+    def _cancel_result_timer(self, job_id):
+        timer = self._result_timers.pop(job_id, None)
+        if timer is not None and timer is not gevent.getcurrent():
+            timer.kill(block=False)
+
+    def _result_overdue(self, job_id):
+        self._result_timers.pop(job_id, None)
+        self.logs.flush(job_id)
+        job = self.storage.get_job(job_id)
+        if job.state == JobState.FINISHED:
+            return
+        if job.result is not None:
+            self.finish_from_result(job, job.failure_comment)
+            return
+        reason = "no lava/job result received within %gs of the end of the job" % (
+            self.config.master.result_grace)
+        log.warning("[job %d] %s; Incomplete", job_id, reason)
+        self.flow.finish(job_id, JobHealth.INCOMPLETE,
+                         comment=(job.failure_comment + "\n" if job.failure_comment else "")
+                         + reason)
+
+    def check_liveness(self):
+        """Workers silent for worker_timeout go Offline; results overdue by the clock (a
+        fake clock in tests, or timers lost to a restart) are settled."""
+        now = self.clock.monotonic()
+        timeout = self.config.master.worker_timeout
+        for hostname, last in list(self.controller.seen.items()):
+            if now - last > timeout:
+                del self.controller.seen[hostname]
+                log.warning("worker %s: silent for more than %gs; Offline", hostname, timeout)
+                try:
+                    self.flow.set_worker_state(hostname, WorkerState.OFFLINE)
+                except (NotFound, StorageError) as exc:
+                    log.error("worker %s: cannot mark Offline: %s", hostname, exc)
+        wall = self.clock.time()
+        try:
+            for job in self.storage.list_jobs(state=[JobState.RUNNING, JobState.CANCELING,
+                                                     JobState.SCHEDULED]):
+                if job.end_seen is not None and \
+                        wall - job.end_seen > self.config.master.result_grace and \
+                        job.id not in self._result_timers:
+                    self._result_overdue(job.id)
+        except StorageError as exc:
+            log.error("liveness check failed: %s", exc)
+
+
+def _connectable(endpoint):
+    """tcp://0.0.0.0:5556 -> tcp://127.0.0.1:5556 (what a local worker can connect to)."""
+    return endpoint.replace("0.0.0.0", "127.0.0.1").replace("[::]", "[::1]")
+
+
+def _int(value):
+    try:
+        return int(str(value).split(".")[0])
+    except (TypeError, ValueError):
+        return None
+
+
+def _json(text):
+    import json
+
+    return json.dumps(text)
+
+
+def _metadata(text):
+    import json
+
+    if not text:
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}

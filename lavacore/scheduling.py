@@ -1,0 +1,52 @@
+"""What a scheduler plugin sees during one pass, and the checks the core makes on what it
+decides. The policy itself lives in plugins (``schedule`` hook)."""
+
+import random
+
+from .states import SCHEDULABLE_HEALTH
+
+PAGE = 500
+
+
+class SchedulingView:
+    """Devices available now, grouped by type, and the queue of each type in LAVA's order.
+
+    ``devices(device_type)`` lists available devices in a random order, so that jobs are
+    spread over a type's devices instead of always landing on the first (LAVA 2019.01+).
+    ``jobs(device_type)`` yields queued jobs page by page, so a pass over a long queue only
+    reads as far as it needs to.
+    """
+
+    def __init__(self, storage, rng=None, healths=SCHEDULABLE_HEALTH, exclude=()):
+        self.storage = storage
+        self.rng = rng or random.Random()
+        self._by_type = {}
+        excluded = set(exclude)
+        for device in storage.available_devices(healths):
+            if device.hostname not in excluded:
+                self._by_type.setdefault(device.device_type, []).append(device)
+        for devices in self._by_type.values():
+            self.rng.shuffle(devices)
+
+    def device_types(self):
+        return sorted(self._by_type)
+
+    def devices(self, device_type):
+        return list(self._by_type.get(device_type, ()))
+
+    def jobs(self, device_type):
+        offset = 0
+        while True:
+            page = self.storage.queued_jobs(device_type, limit=PAGE, offset=offset)
+            yield from page
+            if len(page) < PAGE:
+                return
+            offset += PAGE
+
+
+def job_fits(job, device):
+    """Spec 9.2: job tags must be a subset of the device's; private devices take only
+    health checks here (ownership is not modelled beyond public/private)."""
+    if job.tags and not set(job.tags) <= set(device.tags):
+        return False
+    return device.is_public or job.health_check

@@ -1,0 +1,245 @@
+"""The worker-facing ROUTER socket: protocol v3 (spec sections 3 and 5).
+
+One greenlet reads the socket and dispatches each action to a small method. Anything the
+peer sent that does not decode is logged with the peer's name and dropped. The liveness of
+workers is tracked here (``seen``); the watchdog service marks silent ones Offline.
+"""
+
+import os
+
+import zmq.green as zmq
+
+from .. import protocol
+from ..states import JobHealth, JobState, WorkerState
+from ..storage import NotFound
+from .base import Service
+
+MAX_COMMENT = 64 * 1024
+DRAIN = 1000
+
+
+class Controller(Service):
+    name = "controller"
+
+    def __init__(self, master):
+        super().__init__(master)
+        self.socket = None
+        self.endpoint = None
+        # hostname -> monotonic time of its last valid message. Starts empty: a worker
+        # first heard from after a master start gets STATUS for its running jobs.
+        self.seen = {}
+        self._handlers = {
+            protocol.HELLO: self.on_hello,
+            protocol.HELLO_RETRY: self.on_hello,
+            protocol.PING: self.on_ping,
+            protocol.START_OK: self.on_start_ok,
+            protocol.END: self.on_end,
+        }
+
+    def setup(self):
+        sock = self.master.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.IDENTITY, protocol.MASTER_IDENTITY)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.BACKLOG, 1024)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        self.master.hook.secure_socket(master=self.master, role="controller", socket=sock)
+        sock.bind(self.master.config.master.listen)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.socket = sock
+        self.log.info("listening for workers on %s", self.endpoint)
+
+    def teardown(self):
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self):
+        sock = self.socket
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not self.stopping.is_set():
+            if not poller.poll(500):
+                continue
+            for _ in range(DRAIN):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self.handle(frames)
+
+    def handle(self, frames):
+        hostname = protocol.peer_name(frames[0].bytes)
+        public_key = _user_id(frames[0])
+        try:
+            protocol.check_hostname(frames[0].bytes.decode("utf-8", "replace"))
+            message = protocol.decode_from_worker([f.bytes for f in frames[1:]])
+        except protocol.ProtocolError as exc:
+            self.log.warning("worker %s: dropped a malformed message: %s", hostname, exc)
+            return
+        if public_key is not None or self.master.auth_required:
+            allowed = self.master.hook.authorize_worker(master=self.master, hostname=hostname,
+                                                        public_key=public_key)
+            if allowed is False or (allowed is None and self.master.auth_required):
+                self.log.warning("worker %s: refused %s: key %s is not allowed for this"
+                                 " hostname", hostname, message.action, public_key)
+                return
+        try:
+            self._handlers[message.action](hostname, *message.args,
+                                           retry=message.action == protocol.HELLO_RETRY)
+        except NotFound as exc:
+            self.log.warning("worker %s: %s: %s", hostname, message.action, exc)
+
+    def send(self, hostname, frames):
+        if self.socket is None:
+            return
+        try:
+            self.socket.send_multipart([hostname.encode()] + frames, zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # a full or gone peer: the protocol resends
+            self.log.debug("worker %s: cannot send %s: %s", hostname, frames[0], exc)
+
+    # -- liveness -----------------------------------------------------------------------
+
+    def alive(self, hostname, greeting=False):
+        """A valid message came from ``hostname``: it is Online. A worker not heard from
+        since this master started (and not greeting) gets STATUS for its jobs."""
+        first = hostname not in self.seen
+        self.seen[hostname] = self.master.clock.monotonic()
+        master = self.master
+        storage = master.storage
+        if first:
+            try:
+                storage.get_worker(hostname)
+            except NotFound:
+                from ..models import Worker
+
+                storage.add_worker(Worker(hostname, description="created by lavacore"))
+                self.log.info("worker %s: new worker registered", hostname)
+        went_online = master.flow.set_worker_state(hostname, WorkerState.ONLINE,
+                                                   last_ping=master.clock.time())
+        if first and not greeting:
+            self.log.info("worker %s: first message since the master started; asking the"
+                          " status of its jobs", hostname)
+            for job in storage.list_jobs(worker=hostname,
+                                         state=[JobState.RUNNING, JobState.CANCELING]):
+                self.send(hostname, protocol.status(job.id))
+        if went_online:
+            self.log.info("worker %s: Online", hostname)
+            master.worker_online(hostname)
+
+    # -- actions ------------------------------------------------------------------------
+
+    def on_hello(self, hostname, version, worker_version=None, retry=False):
+        if version != protocol.PROTOCOL_VERSION:
+            self.log.error("worker %s: speaks protocol version %d, this master speaks %d;"
+                           " not answering HELLO", hostname, version, protocol.PROTOCOL_VERSION)
+            return
+        self.send(hostname, protocol.hello_ok())
+        if hostname in self.seen:
+            self.log.info("worker %s: %s", hostname,
+                          "greeting again (HELLO_OK not seen)" if retry else "restarted")
+        else:
+            self.log.info("worker %s: connected%s", hostname,
+                          " (version %s)" % worker_version if worker_version else "")
+        self.alive(hostname, greeting=True)
+        self.master.hook.on_hello(master=self.master, hostname=hostname,
+                                  version=worker_version, retry=retry)
+
+    def on_ping(self, hostname, retry=False):
+        self.send(hostname, protocol.pong(self.master.config.master.ping_interval))
+        self.alive(hostname)
+        self.master.hook.on_ping(master=self.master, hostname=hostname)
+
+    def _own_job(self, hostname, job_id, action):
+        try:
+            job = self.master.storage.get_job(job_id)
+        except NotFound:
+            return None
+        if job.worker != hostname:
+            self.log.warning("worker %s: %s for job %d, which runs on %s; ignored",
+                             hostname, action, job_id, job.worker)
+            return False
+        return job
+
+    def on_start_ok(self, hostname, job_id, retry=False):
+        job = self._own_job(hostname, job_id, "START_OK")
+        if job is None:
+            self.log.warning("worker %s: START_OK for unknown job %d", hostname, job_id)
+            return
+        self.alive(hostname)
+        if job is False:
+            return
+        running = self.master.flow.running(job_id)
+        if running is not None:
+            self.log.info("[job %d] Running on %s", job_id, job.actual_device or hostname)
+            self.master.hook.on_start_ok(master=self.master, hostname=hostname, job=running)
+
+    def on_end(self, hostname, job_id, errors, description, retry=False):
+        job = self._own_job(hostname, job_id, "END")
+        if job is None:
+            self.log.info("worker %s: END for unknown job %d; acknowledged", hostname, job_id)
+            self.send(hostname, protocol.end_ok(job_id))
+            return
+        self.alive(hostname)
+        if job is not False and job.state != JobState.FINISHED and job.end_seen is None:
+            self.end_job(hostname, job, errors, description)
+        self.send(hostname, protocol.end_ok(job_id))
+
+    def end_job(self, hostname, job, errors, description):
+        master = self.master
+        text = ""
+        if description:
+            try:
+                text = protocol.decompress_description(description)
+            except protocol.ProtocolError as exc:
+                self.log.warning("[job %d] worker %s: %s", job.id, hostname, exc)
+                description = b""
+        master.hook.on_end(master=master, hostname=hostname, job=job, errors=errors,
+                           description=text)
+        output = job.output_dir(master.output_root)
+        if description:
+            try:
+                os.makedirs(output, exist_ok=True)
+                with open(os.path.join(output, "description.yaml"), "w",
+                          encoding="utf-8") as handle:
+                    handle.write(text)
+            except OSError as exc:
+                self.log.error("[job %d] cannot write description.yaml: %s", job.id, exc)
+        comment = _tail(errors) or None
+        if not description:
+            # The runner left no description: it crashed or was killed (spec 4.6).
+            master.logs.flush(job.id)
+            job = master.storage.get_job(job.id)
+            if job.result is not None:
+                master.finish_from_result(job, comment)
+                return
+            self.log.info("[job %d] ended without a description; Incomplete", job.id)
+            master.flow.finish(job.id, JobHealth.INCOMPLETE,
+                               comment=comment or "the job's runner crashed (no description)")
+            return
+        master.logs.flush(job.id)
+        job = master.storage.get_job(job.id)
+        if job.result is not None:
+            master.finish_from_result(job, comment)
+        elif job.state == JobState.CANCELING:
+            master.flow.finish(job.id, JobHealth.CANCELED, comment=comment)
+        else:
+            # The log stream may trail END: wait a grace period for the lava/job result.
+            master.storage.update_job(job.id, end_seen=master.clock.time(),
+                                      failure_comment=comment)
+            master.watch_result(job.id)
+
+
+def _tail(text):
+    text = (text or "").strip()
+    return text if len(text) <= MAX_COMMENT else "..." + text[-MAX_COMMENT:]
+
+
+def _user_id(frame):
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return None

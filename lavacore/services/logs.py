@@ -1,0 +1,203 @@
+"""The lava-logs role: a PULL socket taking ``[job_id, line]`` from runners.
+
+Lines are appended, with LAVA's ``"- "`` prefix, to the job's ``output.yaml``; ``results``
+lines become test cases; the ``lava``/``job`` result is recorded and, with END, decides the
+job's health. Work is done in batches: the socket is drained, lines are grouped per job,
+written with one write per job, and test cases are stored in one transaction per batch.
+"""
+
+import collections
+import json
+import os
+
+import zmq.green as zmq
+
+from .. import logformat
+from ..models import TestCase
+from ..storage import NotFound
+from .base import Service
+
+BATCH = 5000
+OPEN_FILES = 256
+MAX_LINE = 1024 * 1024
+
+
+class JobLog:
+    __slots__ = ("job_id", "path", "handle", "state")
+
+    def __init__(self, job_id, path, state):
+        self.job_id = job_id
+        self.path = path
+        self.handle = None
+        self.state = state
+
+
+class LogService(Service):
+    name = "logs"
+
+    def __init__(self, master):
+        super().__init__(master)
+        self.socket = None
+        self.endpoint = None
+        self._jobs = collections.OrderedDict()  # job id -> JobLog, least recently used first
+        self._unknown_warned = set()
+        self.lines = 0
+
+    def setup(self):
+        sock = self.master.context.socket(zmq.PULL)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100000)
+        sock.setsockopt(zmq.BACKLOG, 1024)
+        self.master.hook.secure_socket(master=self.master, role="logs", socket=sock)
+        sock.bind(self.master.config.master.logs)
+        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.socket = sock
+        self.log.info("listening for job logs on %s", self.endpoint)
+
+    def teardown(self):
+        for entry in self._jobs.values():
+            if entry.handle is not None:
+                entry.handle.close()
+        self._jobs.clear()
+        if self.socket is not None:
+            self.socket.close(linger=0)
+            self.socket = None
+
+    def run(self):
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        while not self.stopping.is_set():
+            if poller.poll(500):
+                self.drain()
+
+    def drain(self, limit=BATCH):
+        """Read what is waiting (at most ``limit`` messages) and process it as one batch."""
+        if self.socket is None:
+            return 0
+        batch = collections.defaultdict(list)
+        count = 0
+        while count < limit:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            count += 1
+            if len(frames) != 2:
+                self.log.warning("dropped a log message with %d frames (expected 2)", len(frames))
+                continue
+            try:
+                job_id = int(frames[0])
+            except ValueError:
+                self.log.warning("dropped a log line for job id %r", frames[0][:40])
+                continue
+            batch[job_id].append(frames[1])
+        if batch:
+            self.process(batch)
+        return count
+
+    def flush(self, job_id):
+        """Take in every line already waiting on the socket (END may overtake them)."""
+        while self.drain():
+            pass
+        entry = self._jobs.get(job_id)
+        if entry is not None and entry.handle is not None:
+            entry.handle.flush()
+
+    # -- processing ---------------------------------------------------------------------
+
+    def _entry(self, job_id):
+        entry = self._jobs.get(job_id)
+        if entry is not None:
+            self._jobs.move_to_end(job_id)
+            return entry
+        try:
+            job = self.master.storage.get_job(job_id)
+        except NotFound:
+            if job_id not in self._unknown_warned:
+                self._unknown_warned.add(job_id)
+                self.log.warning("dropped log lines for unknown job %d", job_id)
+            return None
+        path = os.path.join(job.output_dir(self.master.output_root), "output.yaml")
+        entry = JobLog(job_id, path, job.state)
+        self._jobs[job_id] = entry
+        while len(self._jobs) > OPEN_FILES:
+            _, old = self._jobs.popitem(last=False)
+            if old.handle is not None:
+                old.handle.close()
+        return entry
+
+    def forget(self, job_id):
+        entry = self._jobs.pop(job_id, None)
+        if entry is not None and entry.handle is not None:
+            entry.handle.close()
+
+    def process(self, batch):
+        cases = []
+        job_results = []
+        for job_id, lines in batch.items():
+            entry = self._entry(job_id)
+            if entry is None:
+                continue
+            chunks = []
+            for raw in lines:
+                if len(raw) > MAX_LINE:
+                    raw = raw[:MAX_LINE]
+                text = raw.decode("utf-8", errors="replace").replace("\n", " ")
+                if "results" in text:
+                    parsed = self._result(job_id, text)
+                    if parsed is not None:
+                        if parsed.suite == "lava" and parsed.name == "job":
+                            job_results.append(parsed)
+                        cases.append(parsed)
+                elif "marker" in text and self._is_marker(text):
+                    continue
+                chunks.append("- ")
+                chunks.append(text)
+                chunks.append("\n")
+            self.lines += len(lines)
+            self._write(entry, "".join(chunks))
+        if cases:
+            self.master.storage.add_testcases(cases)
+        for case in job_results:
+            self.master.job_result(case)
+
+    def _write(self, entry, text):
+        if not text:
+            return
+        try:
+            if entry.handle is None:
+                os.makedirs(os.path.dirname(entry.path), exist_ok=True)
+                entry.handle = open(entry.path, "a", encoding="utf-8")
+            entry.handle.write(text)
+            entry.handle.flush()
+        except OSError as exc:
+            self.log.error("[job %d] cannot write %s: %s", entry.job_id, entry.path, exc)
+
+    @staticmethod
+    def _is_marker(text):
+        try:
+            return logformat.parse_line(text).get("lvl") == "marker"
+        except ValueError:
+            return False
+
+    def _result(self, job_id, text):
+        try:
+            data = logformat.parse_line(text)
+        except ValueError:
+            return None
+        if data.get("lvl") != "results":
+            return None
+        msg = data.get("msg")
+        if not isinstance(msg, dict) or "case" not in msg or "result" not in msg:
+            self.log.warning("[job %d] results line without case/result ignored", job_id)
+            return None
+        extra = {k: v for k, v in msg.items()
+                 if k not in ("definition", "case", "result", "measurement", "units")}
+        measurement = msg.get("measurement")
+        return TestCase(job_id=job_id, suite=str(msg.get("definition", "")),
+                        name=str(msg["case"]), result=str(msg["result"]),
+                        measurement=None if measurement is None else str(measurement),
+                        units=None if msg.get("units") is None else str(msg["units"]),
+                        metadata=json.dumps(extra, default=str) if extra else None,
+                        logged=self.master.clock.time())
+

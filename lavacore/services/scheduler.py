@@ -1,0 +1,85 @@
+"""The scheduler tick: a pass on every wake-up, and a full pass every schedule_interval.
+
+A wake-up (a job submitted, a device freed, a worker online) runs a pass at once, so an
+idle device gets its START in milliseconds; wake-ups that arrive during a pass are merged
+into the next one. A full pass also resends START to jobs still Scheduled and CANCEL to
+jobs still Canceling, which is how protocol v3 copes with lost messages.
+"""
+
+import gevent.event
+
+from .base import Service
+
+
+class SchedulerService(Service):
+    name = "scheduler"
+
+    def __init__(self, master):
+        super().__init__(master)
+        self._wake = gevent.event.Event()
+        self.passes = 0
+        self.full_passes = 0
+
+    def wake(self):
+        self._wake.set()
+
+    def run(self):
+        master = self.master
+        clock = master.clock
+        interval = master.config.master.schedule_interval
+        step = min(interval, master.config.master.watchdog_interval)
+        next_full = clock.monotonic()
+        while not self.stopping.is_set():
+            now = clock.monotonic()
+            if now >= next_full:
+                self._wake.clear()
+                master.full_pass()
+                self.full_passes += 1
+                next_full = clock.monotonic() + interval
+                continue
+            # Real time waits at most ``step``, so a fake clock moved by a test is noticed.
+            if self._wake.wait(min(step, next_full - now)):
+                self._wake.clear()
+                master.schedule_pass()
+                self.passes += 1
+
+
+class WatchdogService(Service):
+    """Marks workers Offline after worker_timeout of silence and finishes jobs whose
+    lava/job result never came within the grace period after END."""
+
+    name = "watchdog"
+
+    def run(self):
+        interval = self.master.config.master.watchdog_interval
+        while not self.wait(interval):
+            self.master.check_liveness()
+
+
+class NotifyService(Service):
+    """Events from other processes on the same storage (the CLI, another API process),
+    republished and acted on as if this master had made the change."""
+
+    name = "notify"
+
+    def __init__(self, master):
+        super().__init__(master)
+        self.listener = None
+
+    def setup(self):
+        self.listener = self.master.storage.listen_events()
+
+    def teardown(self):
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+
+    def run(self):
+        if self.listener is None:
+            return super().run()
+        while not self.stopping.is_set():
+            for payload in self.listener.wait(0.5):
+                if not isinstance(payload, dict) or "kind" not in payload:
+                    self.log.warning("ignored a notification without kind")
+                    continue
+                self.master.notified(payload)

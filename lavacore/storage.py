@@ -1,0 +1,487 @@
+"""The storage interface, and its implementation in portable SQL.
+
+A backend plugin answers the ``storage`` hook with an object of this interface. The SQL
+here is written once, with ``?`` placeholders, in the subset SQLite and PostgreSQL share
+(``RETURNING``, ``ON CONFLICT``); a backend supplies its connection handling, its DDL, its
+placeholder style and its row locks. Everything the master knows is written here before it
+acts on it, so a master killed at any moment restarts from this state.
+
+Values are stored as INTEGER (states, booleans), REAL/DOUBLE (epoch seconds) and TEXT (YAML,
+and tags as JSON arrays), so the same statements work on both engines.
+"""
+
+import contextlib
+import json
+
+import gevent.lock
+
+from .models import Device, DeviceType, Job, TestCase, Worker
+from .states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
+
+SCHEMA_VERSION = 1
+
+
+class StorageError(Exception):
+    """The database could not be reached or refused a statement (a one-line message)."""
+
+
+class NotFound(KeyError):
+    def __str__(self):
+        return self.args[0] if self.args else "not found"
+
+
+def _tags_out(tags):
+    return json.dumps(sorted(set(tags or ())))
+
+
+def _tags_in(text):
+    return tuple(json.loads(text)) if text else ()
+
+
+# column -> (to database, from database). Only these columns may be written through the
+# generic update methods, so a field name never reaches SQL unchecked.
+_INT = (int, int)
+_BOOL = (int, bool)
+_TEXT = (None, None)
+_REAL = (None, None)
+
+JOB_COLUMNS = {
+    "id": _INT, "state": (int, JobState), "health": (int, JobHealth), "submitter": _TEXT,
+    "description": _TEXT, "requested_device_type": _TEXT, "actual_device": _TEXT,
+    "worker": _TEXT, "tags": (_tags_out, _tags_in), "priority": _INT, "visibility": _TEXT,
+    "submit_time": _REAL, "start_time": _REAL, "end_time": _REAL, "definition": _TEXT,
+    "original_definition": _TEXT, "failure_comment": _TEXT, "health_check": _BOOL,
+    "target_group": _TEXT, "sub_id": _TEXT, "infrastructure_error": _BOOL, "result": _TEXT,
+    "error_type": _TEXT, "error_msg": _TEXT, "end_seen": _REAL,
+}
+DEVICE_COLUMNS = {
+    "hostname": _TEXT, "device_type": _TEXT, "worker": _TEXT,
+    "state": (int, DeviceState), "health": (int, DeviceHealth),
+    "tags": (_tags_out, _tags_in), "is_public": _BOOL, "description": _TEXT,
+    "last_health_report_job": _INT, "current_job": _INT,
+}
+WORKER_COLUMNS = {
+    "hostname": _TEXT, "state": (int, WorkerState), "health": (int, WorkerHealth),
+    "last_ping": _REAL, "description": _TEXT, "version": _TEXT,
+}
+DEVICE_TYPE_COLUMNS = {
+    "name": _TEXT, "description": _TEXT, "display": _BOOL, "health_disabled": _BOOL,
+    "health_frequency": _INT, "health_denominator": _TEXT,
+}
+TESTCASE_COLUMNS = {
+    "id": _INT, "job_id": _INT, "suite": _TEXT, "name": _TEXT, "result": _TEXT,
+    "measurement": _TEXT, "units": _TEXT, "metadata": _TEXT, "logged": _REAL,
+}
+
+
+class Table:
+    """How one record type maps to one table."""
+
+    def __init__(self, name, model, columns, key):
+        self.name = name
+        self.model = model
+        self.columns = columns
+        self.key = key
+        self.names = tuple(columns)
+        self.select = "SELECT %s FROM %s" % (", ".join(self.names), name)
+
+    def encode(self, column, value):
+        if column not in self.columns:
+            raise ValueError("%s has no field %r" % (self.name, column))
+        convert = self.columns[column][0]
+        return value if value is None or convert is None else convert(value)
+
+    def decode(self, row):
+        values = {}
+        for column, value in zip(self.names, row):
+            convert = self.columns[column][1]
+            values[column] = value if value is None or convert is None else convert(value)
+        return self.model(**values)
+
+
+JOBS = Table("jobs", Job, JOB_COLUMNS, "id")
+DEVICES = Table("devices", Device, DEVICE_COLUMNS, "hostname")
+WORKERS = Table("workers", Worker, WORKER_COLUMNS, "hostname")
+DEVICE_TYPES = Table("device_types", DeviceType, DEVICE_TYPE_COLUMNS, "name")
+TESTCASES = Table("testcases", TestCase, TESTCASE_COLUMNS, "id")
+
+QUEUED = (int(JobState.SUBMITTED),)
+
+
+class SQLStorage:
+    """The storage interface over a DB-API connection. Subclasses provide:
+
+    ``_connection()`` (a context manager yielding a connection for this greenlet),
+    ``_ddl`` (the CREATE statements of SCHEMA_VERSION), ``placeholder`` ("?" or "%s"),
+    ``_for_update`` (row-lock suffix of a SELECT: "" on SQLite), ``_begin(conn)``, and
+    optionally ``publish_event``/``listen_events`` for cross-process notifications.
+    """
+
+    placeholder = "?"
+    _for_update = ""
+    name = "sql"
+
+    def __init__(self):
+        self._tx_lock = gevent.lock.RLock()
+        self._tx_conn = None
+        self._tx_depth = 0
+
+    # -- connection and transactions ----------------------------------------------------
+
+    def open(self):
+        raise NotImplementedError
+
+    def close(self):
+        raise NotImplementedError
+
+    def _sql(self, statement):
+        if self.placeholder != "?":
+            return statement.replace("?", self.placeholder)
+        return statement
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """All statements inside run in one transaction of one connection. Re-entrant.
+
+        A gevent lock serialises transactions of this process, so a greenlet that yields
+        inside one (a green socket send) never lets another greenlet interleave statements.
+        """
+        with self._tx_lock:
+            if self._tx_depth:
+                self._tx_depth += 1
+                try:
+                    yield self._tx_conn
+                finally:
+                    self._tx_depth -= 1
+                return
+            with self._connection() as conn:
+                self._begin(conn)
+                self._tx_conn, self._tx_depth = conn, 1
+                try:
+                    yield conn
+                except BaseException:
+                    self._tx_conn, self._tx_depth = None, 0
+                    self._rollback(conn)
+                    raise
+                self._tx_conn, self._tx_depth = None, 0
+                conn.commit()
+
+    def _rollback(self, conn):
+        try:
+            conn.rollback()
+        except Exception:  # the connection may be the thing that failed
+            pass
+
+    def _execute(self, statement, params=()):
+        with self.transaction() as conn:
+            cursor = conn.cursor()
+            cursor.execute(self._sql(statement), params)
+            return cursor
+
+    def _all(self, statement, params=()):
+        return self._execute(statement, params).fetchall()
+
+    def _one(self, statement, params=()):
+        return self._execute(statement, params).fetchone()
+
+    def _where(self, table, filters):
+        clauses, params = [], []
+        for column, value in filters.items():
+            if value is None:
+                continue
+            if isinstance(value, (list, tuple, set, frozenset)):
+                values = [table.encode(column, v) for v in value]
+                if not values:
+                    clauses.append("1 = 0")
+                    continue
+                clauses.append("%s IN (%s)" % (column, ", ".join("?" * len(values))))
+                params.extend(values)
+            else:
+                clauses.append("%s = ?" % column)
+                params.append(table.encode(column, value))
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+    def _get(self, table, key, lock=False):
+        row = self._one("%s WHERE %s = ?%s" % (table.select, table.key,
+                                                self._for_update if lock else ""), (key,))
+        if row is None:
+            raise NotFound("%s %s does not exist" % (table.name.rstrip("s").replace("_", " "),
+                                                     key))
+        return table.decode(row)
+
+    def _list(self, table, order, limit=None, offset=0, **filters):
+        where, params = self._where(table, filters)
+        statement = "%s%s ORDER BY %s" % (table.select, where, order)
+        if limit is not None:
+            statement += " LIMIT %d OFFSET %d" % (int(limit), int(offset))
+        return [table.decode(row) for row in self._all(statement, params)]
+
+    def _count(self, table, **filters):
+        where, params = self._where(table, filters)
+        return self._one("SELECT COUNT(*) FROM %s%s" % (table.name, where), params)[0]
+
+    def _update(self, table, key, fields):
+        if not fields:
+            return
+        sets = ", ".join("%s = ?" % column for column in fields)
+        params = [table.encode(column, value) for column, value in fields.items()]
+        cursor = self._execute("UPDATE %s SET %s WHERE %s = ?" % (table.name, sets, table.key),
+                               params + [key])
+        if cursor.rowcount == 0:
+            raise NotFound("%s %s does not exist" % (table.name.rstrip("s"), key))
+
+    def _insert(self, table, record, returning=False):
+        values = {column: getattr(record, column) for column in table.names
+                  if not (returning and column == table.key)}
+        statement = "INSERT INTO %s (%s) VALUES (%s)" % (
+            table.name, ", ".join(values), ", ".join("?" * len(values)))
+        if returning:
+            statement += " RETURNING %s" % table.key
+        params = [table.encode(column, value) for column, value in values.items()]
+        cursor = self._execute(statement, params)
+        return cursor.fetchone()[0] if returning else None
+
+    # -- schema -------------------------------------------------------------------------
+
+    def schema_version(self):
+        raise NotImplementedError
+
+    def migrate(self):
+        """Create or upgrade the schema to SCHEMA_VERSION; returns (old, new)."""
+        raise NotImplementedError
+
+    # -- workers ------------------------------------------------------------------------
+
+    def get_worker(self, hostname):
+        return self._get(WORKERS, hostname)
+
+    def list_workers(self, **filters):
+        return self._list(WORKERS, "hostname", **filters)
+
+    def add_worker(self, worker):
+        with self.transaction():
+            self._execute(
+                "INSERT INTO workers (hostname, state, health, last_ping, description, version)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (hostname) DO NOTHING",
+                (worker.hostname, int(worker.state), int(worker.health), worker.last_ping,
+                 worker.description, worker.version))
+            return self.get_worker(worker.hostname)
+
+    def update_worker(self, hostname, **fields):
+        self._update(WORKERS, hostname, fields)
+
+    def set_all_workers_offline(self):
+        self._execute("UPDATE workers SET state = ?", (int(WorkerState.OFFLINE),))
+
+    # -- device types -------------------------------------------------------------------
+
+    def get_device_type(self, name):
+        return self._get(DEVICE_TYPES, name)
+
+    def list_device_types(self, **filters):
+        return self._list(DEVICE_TYPES, "name", **filters)
+
+    def add_device_type(self, device_type):
+        self._execute(
+            "INSERT INTO device_types (name, description, display, health_disabled,"
+            " health_frequency, health_denominator) VALUES (?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (name) DO NOTHING",
+            (device_type.name, device_type.description, int(device_type.display),
+             int(device_type.health_disabled), device_type.health_frequency,
+             device_type.health_denominator))
+
+    def update_device_type(self, name, **fields):
+        self._update(DEVICE_TYPES, name, fields)
+
+    # -- devices ------------------------------------------------------------------------
+
+    def get_device(self, hostname, lock=False):
+        return self._get(DEVICES, hostname, lock)
+
+    def list_devices(self, **filters):
+        return self._list(DEVICES, "hostname", **filters)
+
+    def add_device(self, device):
+        with self.transaction():
+            self.add_device_type(DeviceType(device.device_type))
+            if device.worker:
+                self.add_worker(Worker(device.worker))
+            self._insert(DEVICES, device)
+
+    def update_device(self, hostname, **fields):
+        self._update(DEVICES, hostname, fields)
+
+    def available_devices(self, healths):
+        """Idle devices of Online workers whose health is one of ``healths``."""
+        marks = ", ".join("?" * len(healths))
+        rows = self._all(
+            "SELECT %s FROM devices d JOIN workers w ON w.hostname = d.worker"
+            " WHERE d.state = ? AND w.state = ? AND d.health IN (%s)"
+            " ORDER BY d.device_type, d.hostname"
+            % (", ".join("d." + c for c in DEVICES.names), marks),
+            [int(DeviceState.IDLE), int(WorkerState.ONLINE)] + [int(h) for h in healths])
+        return [DEVICES.decode(row) for row in rows]
+
+    # -- jobs ---------------------------------------------------------------------------
+
+    def insert_jobs(self, jobs):
+        """Queue ``jobs`` (Job records without ids) in one transaction; returns their ids."""
+        ids = []
+        with self.transaction():
+            for job in jobs:
+                ids.append(self._insert(JOBS, job, returning=True))
+        return ids
+
+    def get_job(self, job_id, lock=False):
+        return self._get(JOBS, int(job_id), lock)
+
+    def list_jobs(self, limit=None, offset=0, order="id", **filters):
+        if order not in ("id", "-id", "submit_time", "-submit_time", "end_time", "-end_time"):
+            raise ValueError("cannot order jobs by %r" % order)
+        sql_order = order.lstrip("-") + (" DESC" if order.startswith("-") else "")
+        return self._list(JOBS, sql_order, limit, offset, **filters)
+
+    def count_jobs(self, **filters):
+        return self._count(JOBS, **filters)
+
+    def update_job(self, job_id, **fields):
+        self._update(JOBS, int(job_id), fields)
+
+    def queued_jobs(self, device_type, limit=None, offset=0):
+        """Submitted jobs for ``device_type`` in LAVA's order (spec 9.2): priority first,
+        then submit time, then group and id."""
+        statement = ("%s WHERE state = ? AND requested_device_type = ? AND actual_device IS NULL"
+                     " ORDER BY priority DESC, submit_time, target_group, id" % JOBS.select)
+        if limit is not None:
+            statement += " LIMIT %d OFFSET %d" % (int(limit), int(offset))
+        rows = self._all(statement, (int(JobState.SUBMITTED), device_type))
+        return [JOBS.decode(row) for row in rows]
+
+    def queued_device_types(self):
+        rows = self._all("SELECT DISTINCT requested_device_type FROM jobs WHERE state = ?"
+                         " AND requested_device_type IS NOT NULL", (int(JobState.SUBMITTED),))
+        return {row[0] for row in rows}
+
+    # -- test results -------------------------------------------------------------------
+
+    def add_testcases(self, cases):
+        if not cases:
+            return
+        statement = self._sql(
+            "INSERT INTO testcases (job_id, suite, name, result, measurement, units, metadata,"
+            " logged) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+        with self.transaction() as conn:
+            conn.cursor().executemany(statement, [
+                (c.job_id, c.suite, c.name, c.result, c.measurement, c.units, c.metadata,
+                 c.logged) for c in cases])
+
+    def list_testcases(self, job_id, suite=None):
+        return self._list(TESTCASES, "id", job_id=int(job_id), suite=suite)
+
+    def testcase_counts(self, job_id):
+        rows = self._all("SELECT result, COUNT(*) FROM testcases WHERE job_id = ?"
+                         " GROUP BY result", (int(job_id),))
+        return {result: count for result, count in rows}
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def add_token(self, username, digest, description, now):
+        self._execute("INSERT INTO tokens (username, digest, description, created)"
+                      " VALUES (?, ?, ?, ?)", (username, digest, description, now))
+
+    def token_user(self, digest):
+        row = self._one("SELECT username FROM tokens WHERE digest = ?", (digest,))
+        return row[0] if row else None
+
+    def list_tokens(self, username=None):
+        where, params = ("WHERE username = ?", (username,)) if username else ("", ())
+        return self._all("SELECT id, username, description, created FROM tokens %s ORDER BY id"
+                         % where, params)
+
+    def delete_token(self, token_id):
+        return self._execute("DELETE FROM tokens WHERE id = ?", (int(token_id),)).rowcount
+
+    # -- health and state history ---------------------------------------------------------
+
+    def add_history(self, kind, name, old, new, username, reason, now):
+        self._execute("INSERT INTO history (kind, name, old, new, username, reason, time)"
+                      " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      (kind, name, old, new, username, reason, now))
+
+    def list_history(self, kind, name, limit=100):
+        rows = self._all("SELECT old, new, username, reason, time FROM history"
+                         " WHERE kind = ? AND name = ? ORDER BY id DESC LIMIT %d" % int(limit),
+                         (kind, name))
+        return [{"old": r[0], "new": r[1], "user": r[2], "reason": r[3], "time": r[4]}
+                for r in rows]
+
+    # -- configuration kept in the database (set through the API) ------------------------
+
+    def get_blob(self, kind, name):
+        row = self._one("SELECT content FROM blobs WHERE kind = ? AND name = ?", (kind, name))
+        return row[0] if row else None
+
+    def set_blob(self, kind, name, content):
+        with self.transaction():
+            self._execute("DELETE FROM blobs WHERE kind = ? AND name = ?", (kind, name))
+            if content is not None:
+                self._execute("INSERT INTO blobs (kind, name, content) VALUES (?, ?, ?)",
+                              (kind, name, content))
+
+    # -- cross-process notifications ------------------------------------------------------
+
+    def publish_event(self, payload):
+        """Hand an event (a JSON-able dict) to the running master; no-op by default."""
+
+    def listen_events(self):
+        """Return a listener with ``wait(timeout) -> [payload, ...]`` and ``close()``, or
+        None when this backend has no cross-process channel."""
+        return None
+
+
+# The tables as portable DDL; backends adapt the types (see each backend's _ddl).
+DDL = [
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS workers (
+        hostname TEXT PRIMARY KEY, state INTEGER NOT NULL DEFAULT 1,
+        health INTEGER NOT NULL DEFAULT 0, last_ping {REAL}, description TEXT NOT NULL
+        DEFAULT '', version TEXT)""",
+    """CREATE TABLE IF NOT EXISTS device_types (
+        name TEXT PRIMARY KEY, description TEXT NOT NULL DEFAULT '',
+        display INTEGER NOT NULL DEFAULT 1, health_disabled INTEGER NOT NULL DEFAULT 0,
+        health_frequency INTEGER NOT NULL DEFAULT 24,
+        health_denominator TEXT NOT NULL DEFAULT 'hours')""",
+    """CREATE TABLE IF NOT EXISTS devices (
+        hostname TEXT PRIMARY KEY, device_type TEXT NOT NULL REFERENCES device_types(name),
+        worker TEXT REFERENCES workers(hostname), state INTEGER NOT NULL DEFAULT 0,
+        health INTEGER NOT NULL DEFAULT 4, tags TEXT NOT NULL DEFAULT '[]',
+        is_public INTEGER NOT NULL DEFAULT 1, description TEXT NOT NULL DEFAULT '',
+        last_health_report_job {BIGINT}, current_job {BIGINT})""",
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id {SERIAL}, state INTEGER NOT NULL DEFAULT 0,
+        health INTEGER NOT NULL DEFAULT 0, submitter TEXT NOT NULL DEFAULT '',
+        description TEXT NOT NULL DEFAULT '', requested_device_type TEXT,
+        actual_device TEXT, worker TEXT, tags TEXT NOT NULL DEFAULT '[]',
+        priority INTEGER NOT NULL DEFAULT 50, visibility TEXT NOT NULL DEFAULT 'public',
+        submit_time {REAL}, start_time {REAL}, end_time {REAL}, definition TEXT NOT NULL,
+        original_definition TEXT NOT NULL, failure_comment TEXT,
+        health_check INTEGER NOT NULL DEFAULT 0, target_group TEXT NOT NULL DEFAULT '',
+        sub_id TEXT NOT NULL DEFAULT '', infrastructure_error INTEGER NOT NULL DEFAULT 0,
+        result TEXT, error_type TEXT, error_msg TEXT, end_seen {REAL})""",
+    "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, requested_device_type, priority)",
+    "CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker, state)",
+    "CREATE INDEX IF NOT EXISTS jobs_group ON jobs (target_group)",
+    """CREATE TABLE IF NOT EXISTS testcases (
+        id {SERIAL}, job_id {BIGINT} NOT NULL, suite TEXT NOT NULL, name TEXT NOT NULL,
+        result TEXT NOT NULL, measurement TEXT, units TEXT, metadata TEXT, logged {REAL})""",
+    "CREATE INDEX IF NOT EXISTS testcases_job ON testcases (job_id)",
+    """CREATE TABLE IF NOT EXISTS tokens (
+        id {SERIAL}, username TEXT NOT NULL, digest TEXT NOT NULL UNIQUE,
+        description TEXT NOT NULL DEFAULT '', created {REAL})""",
+    """CREATE TABLE IF NOT EXISTS history (
+        id {SERIAL}, kind TEXT NOT NULL, name TEXT NOT NULL, old TEXT, new TEXT,
+        username TEXT, reason TEXT, time {REAL})""",
+    "CREATE INDEX IF NOT EXISTS history_name ON history (kind, name)",
+    """CREATE TABLE IF NOT EXISTS blobs (
+        kind TEXT NOT NULL, name TEXT NOT NULL, content TEXT, PRIMARY KEY (kind, name))""",
+]

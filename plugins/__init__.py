@@ -1,0 +1,1 @@
+"""Builtin lavacore plugins, installed as the package ``lavacore_plugins``."""

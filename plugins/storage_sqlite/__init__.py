@@ -1,0 +1,163 @@
+"""The default storage: one SQLite file in WAL mode, embedded in the master.
+
+One connection per process. sqlite3 calls block the gevent hub while they run (they are
+C calls; see spec/stack-notes.md); the statements here are short, so that costs
+microseconds. Other processes (the CLI) open the same file and wake the master through a
+Linux abstract unix datagram socket named after the database file, which also keeps two
+masters from running on one file.
+"""
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import socket
+import sqlite3
+
+from lavacore.hookspecs import hookimpl
+from lavacore.storage import DDL, SCHEMA_VERSION, SQLStorage, StorageError
+
+log = logging.getLogger("lavacore.storage")
+
+MAX_DATAGRAM = 65000
+
+
+class SQLiteStorage(SQLStorage):
+    name = "sqlite"
+
+    def __init__(self, path, synchronous="NORMAL", busy_timeout=5.0):
+        super().__init__()
+        self.path = os.path.abspath(path)
+        self.synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self._conn = None
+
+    def open(self):
+        directory = os.path.dirname(self.path)
+        try:
+            os.makedirs(directory, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=%s" % self.synchronous)
+            conn.execute("PRAGMA foreign_keys=ON")
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError("[storage] url: cannot open SQLite database %s: %s"
+                               % (self.path, exc)) from None
+        self._conn = conn
+        return self
+
+    def close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    @contextlib.contextmanager
+    def _connection(self):
+        if self._conn is None:
+            raise StorageError("SQLite database %s is not open" % self.path)
+        yield self._conn
+
+    def _begin(self, conn):
+        # IMMEDIATE takes the write lock at once, so two processes never both read and then
+        # fail to upgrade (SQLITE_BUSY in the middle of a claim).
+        conn.execute("BEGIN IMMEDIATE")
+
+    def schema_version(self):
+        row = self._conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name='schema_version'"
+        ).fetchone()
+        if row is None:
+            return 0
+        row = self._conn.execute("SELECT version FROM schema_version").fetchone()
+        return row[0] if row else 0
+
+    def migrate(self):
+        old = self.schema_version()
+        if old > SCHEMA_VERSION:
+            raise StorageError("database %s has schema %d, newer than this lavacore (%d)"
+                               % (self.path, old, SCHEMA_VERSION))
+        if old == SCHEMA_VERSION:
+            return old, old
+        with self.transaction() as conn:
+            for statement in DDL:
+                conn.execute(statement.format(REAL="REAL", BIGINT="INTEGER",
+                                              SERIAL="INTEGER PRIMARY KEY AUTOINCREMENT"))
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+        return old, SCHEMA_VERSION
+
+    # -- wake-ups from other processes --------------------------------------------------
+
+    def _address(self):
+        digest = hashlib.sha1(self.path.encode()).hexdigest()[:20]
+        return "\0lavacore-%s" % digest
+
+    def publish_event(self, payload):
+        data = json.dumps(payload).encode()
+        if len(data) > MAX_DATAGRAM:
+            log.warning("event too large to notify the master (%d bytes); dropped", len(data))
+            return False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.sendto(data, self._address())
+            return True
+        except OSError as exc:
+            # No master running (ECONNREFUSED) or its queue is full: the master's periodic
+            # pass picks the change up from the database anyway.
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
+                log.warning("cannot notify the master: %s", exc)
+            return False
+        finally:
+            sock.close()
+
+    def listen_events(self):
+        return _DatagramListener(self._address(), self.path)
+
+
+class _DatagramListener:
+    def __init__(self, address, path):
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)
+        try:
+            self._sock.bind(address)
+        except OSError as exc:
+            self._sock.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise StorageError("another master already runs on %s" % path) from None
+            raise
+
+    def wait(self, timeout=None):
+        """Wait (cooperatively) for notifications; returns their payloads, [] on timeout."""
+        import gevent.socket
+
+        try:
+            gevent.socket.wait_read(self._sock.fileno(), timeout)
+        except gevent.socket.timeout:
+            return []
+        result = []
+        while True:
+            try:
+                data = self._sock.recv(MAX_DATAGRAM + 1)
+            except BlockingIOError:
+                return result
+            try:
+                result.append(json.loads(data))
+            except ValueError:
+                log.warning("dropped a malformed notification (%d bytes)", len(data))
+
+    def close(self):
+        self._sock.close()
+
+
+@hookimpl(trylast=True)
+def storage(config):
+    if config.storage.backend != "sqlite":
+        return None
+    options = config.storage.options
+    return SQLiteStorage(config.resolve(config.storage.url),
+                         synchronous=options.get("synchronous", "NORMAL"),
+                         busy_timeout=float(options.get("busy_timeout", 5.0)))

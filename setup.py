@@ -1,0 +1,41 @@
+"""One distribution: the lavacore core and its builtin plugins (package lavacore_plugins).
+
+Builtin plugins are registered through the entry-point group ``lavacore.plugins``, the same
+way a third party's plugin is.
+"""
+
+from setuptools import setup
+
+PLUGINS = [
+    "scheduler_fifo",
+    "storage_sqlite",
+]
+
+setup(
+    name="lavacore",
+    version="0.1.0",
+    description="A LAVA protocol v3 test-job dispatcher for device labs, on gevent and pluggy",
+    python_requires=">=3.11",
+    packages=["lavacore", "lavacore.services", "lavacore_plugins"]
+    + ["lavacore_plugins.%s" % name for name in PLUGINS],
+    package_dir={"lavacore_plugins": "plugins"},
+    install_requires=[
+        "gevent>=23.9",
+        "pyzmq>=25",
+        "pluggy>=1.3",
+        "pyyaml>=6",
+        "jinja2>=3.1",
+        "psycopg2>=2.9",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "lavacli==3.1.0", "wheel"],
+    },
+    entry_points={
+        "console_scripts": [
+            "lavacore = lavacore.cli:main",
+        ],
+        "lavacore.plugins": [
+            "%s = lavacore_plugins.%s" % (name, name) for name in PLUGINS
+        ],
+    },
+)
