@@ -67,6 +67,9 @@ class Master:
         self.hook.configure(config=self.config, master=self)
         if self.storage is None:
             self.storage = open_storage(self.config, self.pm)
+        self.storage.acquire_leadership(self._stopped)
+        if self._stopped.is_set():
+            return self
         self.templates = devices.DeviceTemplates(
             self.config.resolve(self.config.master.dispatcher_config), self.storage)
         self.context = zmq.Context()
@@ -222,14 +225,20 @@ class Master:
         """A change made by another process (see Storage.publish_event)."""
         kind = payload.get("kind")
         data = payload.get("data") or {}
-        if kind in ("testjob", "device", "worker", "event"):
-            self.events.publish(kind, data, payload.get("username"))
-        else:
-            self.on_event(kind, data)
+        try:
+            if kind in ("testjob", "device", "worker", "event"):
+                self.events.publish(kind, data, payload.get("username"))
+            else:
+                self.on_event(kind, data)
+        except StorageError as exc:
+            log.error("cannot act on a %s notification now: %s", kind, exc)
 
     def worker_online(self, hostname):
-        self.resend_starts(worker=hostname)
-        self.resend_cancels(worker=hostname)
+        try:
+            self.resend_starts(worker=hostname)
+            self.resend_cancels(worker=hostname)
+        except StorageError as exc:
+            log.error("worker %s: cannot resend its START/CANCEL now: %s", hostname, exc)
         self.scheduler.wake()
 
     # -- scheduling and starting --------------------------------------------------------

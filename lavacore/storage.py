@@ -428,6 +428,12 @@ class SQLStorage:
                 self._execute("INSERT INTO blobs (kind, name, content) VALUES (?, ?, ?)",
                               (kind, name, content))
 
+    # -- one active master per database ------------------------------------------------
+
+    def acquire_leadership(self, stopping):
+        """Block (cooperatively) until this process may be the active master, or until
+        the gevent Event ``stopping`` is set. No-op for backends with one process."""
+
     # -- cross-process notifications ------------------------------------------------------
 
     def publish_event(self, payload):

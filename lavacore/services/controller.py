@@ -7,14 +7,17 @@ workers is tracked here (``seen``); the watchdog service marks silent ones Offli
 
 import os
 
+import gevent
 import zmq.green as zmq
 
 from .. import protocol
+from ..models import Worker
 from ..states import JobHealth, JobState, WorkerState
-from ..storage import NotFound
+from ..storage import NotFound, StorageError
 from .base import Service
 
 MAX_COMMENT = 64 * 1024
+LAST_PING_EVERY = 10.0
 DRAIN = 1000
 
 
@@ -28,6 +31,7 @@ class Controller(Service):
         # hostname -> monotonic time of its last valid message. Starts empty: a worker
         # first heard from after a master start gets STATUS for its running jobs.
         self.seen = {}
+        self._written = {}
         self._handlers = {
             protocol.HELLO: self.on_hello,
             protocol.HELLO_RETRY: self.on_hello,
@@ -92,6 +96,11 @@ class Controller(Service):
                                            retry=message.action == protocol.HELLO_RETRY)
         except NotFound as exc:
             self.log.warning("worker %s: %s: %s", hostname, message.action, exc)
+        except StorageError as exc:
+            # Nothing is acknowledged that was not stored: the worker resends END, the
+            # master resends START (and so gets START_OK again) once the database is back.
+            self.log.error("worker %s: %s not processed, will be resent: %s", hostname,
+                           message.action, exc)
 
     def send(self, hostname, frames):
         if self.socket is None:
@@ -106,29 +115,36 @@ class Controller(Service):
     def alive(self, hostname, greeting=False):
         """A valid message came from ``hostname``: it is Online. A worker not heard from
         since this master started (and not greeting) gets STATUS for its jobs."""
-        first = hostname not in self.seen
-        self.seen[hostname] = self.master.clock.monotonic()
         master = self.master
-        storage = master.storage
-        if first:
-            try:
-                storage.get_worker(hostname)
-            except NotFound:
-                from ..models import Worker
-
-                storage.add_worker(Worker(hostname, description="created by lavacore"))
-                self.log.info("worker %s: new worker registered", hostname)
-        went_online = master.flow.set_worker_state(hostname, WorkerState.ONLINE,
-                                                   last_ping=master.clock.time())
+        now = master.clock.monotonic()
+        first = hostname not in self.seen
+        if first or now - self._written.get(hostname, 0) >= LAST_PING_EVERY:
+            # last_ping is kept to the nearest few seconds in the database, so a PING
+            # costs no write; state changes are always written at once.
+            self._store_alive(hostname, first)
+            self._written[hostname] = now
+        # Only once the database knows it is Online: until then every message retries.
+        self.seen[hostname] = now
         if first and not greeting:
             self.log.info("worker %s: first message since the master started; asking the"
                           " status of its jobs", hostname)
-            for job in storage.list_jobs(worker=hostname,
-                                         state=[JobState.RUNNING, JobState.CANCELING]):
+            for job in master.storage.list_jobs(worker=hostname,
+                                                state=[JobState.RUNNING, JobState.CANCELING]):
                 self.send(hostname, protocol.status(job.id))
+
+    def _store_alive(self, hostname, first):
+        master = self.master
+        if first:
+            try:
+                master.storage.get_worker(hostname)
+            except NotFound:
+                master.storage.add_worker(Worker(hostname, description="created by lavacore"))
+                self.log.info("worker %s: new worker registered", hostname)
+        went_online = master.flow.set_worker_state(hostname, WorkerState.ONLINE,
+                                                   last_ping=master.clock.time())
         if went_online:
             self.log.info("worker %s: Online", hostname)
-            master.worker_online(hostname)
+            gevent.spawn(master.worker_online, hostname)
 
     # -- actions ------------------------------------------------------------------------
 

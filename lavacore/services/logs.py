@@ -14,7 +14,7 @@ import zmq.green as zmq
 
 from .. import logformat
 from ..models import TestCase
-from ..storage import NotFound
+from ..storage import NotFound, StorageError
 from .base import Service
 
 BATCH = 5000
@@ -42,6 +42,10 @@ class LogService(Service):
         self._jobs = collections.OrderedDict()  # job id -> JobLog, least recently used first
         self._unknown_warned = set()
         self.lines = 0
+        # What could not be stored yet (database away): retried, never dropped.
+        self._retry_lines = collections.defaultdict(list)
+        self._retry_cases = []
+        self._retry_results = []
 
     def setup(self):
         sock = self.master.context.socket(zmq.PULL)
@@ -69,6 +73,8 @@ class LogService(Service):
         while not self.stopping.is_set():
             if poller.poll(500):
                 self.drain()
+            elif self._retry_lines or self._retry_cases or self._retry_results:
+                self.process({})
 
     def drain(self, limit=BATCH):
         """Read what is waiting (at most ``limit`` messages) and process it as one batch."""
@@ -132,34 +138,55 @@ class LogService(Service):
             entry.handle.close()
 
     def process(self, batch):
-        cases = []
-        job_results = []
+        if self._retry_lines:
+            pending, self._retry_lines = self._retry_lines, collections.defaultdict(list)
+            for job_id, lines in batch.items():
+                pending[job_id].extend(lines)
+            batch = pending
         for job_id, lines in batch.items():
-            entry = self._entry(job_id)
-            if entry is None:
+            try:
+                entry = self._entry(job_id)
+            except StorageError as exc:
+                self.log.error("[job %d] %d log line(s) kept for later: %s", job_id,
+                               len(lines), exc)
+                self._retry_lines[job_id].extend(lines)
                 continue
-            chunks = []
-            for raw in lines:
-                if len(raw) > MAX_LINE:
-                    raw = raw[:MAX_LINE]
-                text = raw.decode("utf-8", errors="replace").replace("\n", " ")
-                if "results" in text:
-                    parsed = self._result(job_id, text)
-                    if parsed is not None:
-                        if parsed.suite == "lava" and parsed.name == "job":
-                            job_results.append(parsed)
-                        cases.append(parsed)
-                elif "marker" in text and self._is_marker(text):
-                    continue
-                chunks.append("- ")
-                chunks.append(text)
-                chunks.append("\n")
-            self.lines += len(lines)
-            self._write(entry, "".join(chunks))
-        if cases:
-            self.master.storage.add_testcases(cases)
-        for case in job_results:
-            self.master.job_result(case)
+            if entry is not None:
+                self._take(entry, lines)
+        self._store()
+
+    def _take(self, entry, lines):
+        chunks = []
+        for raw in lines:
+            if len(raw) > MAX_LINE:
+                raw = raw[:MAX_LINE]
+            text = raw.decode("utf-8", errors="replace").replace("\n", " ")
+            if "results" in text:
+                case = self._result(entry.job_id, text)
+                if case is not None:
+                    if case.suite == "lava" and case.name == "job":
+                        self._retry_results.append(case)
+                    self._retry_cases.append(case)
+            elif "marker" in text and self._is_marker(text):
+                continue
+            chunks.append("- ")
+            chunks.append(text)
+            chunks.append("\n")
+        self.lines += len(lines)
+        self._write(entry, "".join(chunks))
+
+    def _store(self):
+        """Store test cases, then act on job results; on a database error keep both."""
+        try:
+            if self._retry_cases:
+                self.master.storage.add_testcases(self._retry_cases)
+                self._retry_cases = []
+            while self._retry_results:
+                self.master.job_result(self._retry_results[0])
+                self._retry_results.pop(0)
+        except StorageError as exc:
+            self.log.error("%d test case(s) and %d job result(s) kept for later: %s",
+                           len(self._retry_cases), len(self._retry_results), exc)
 
     def _write(self, entry, text):
         if not text:
