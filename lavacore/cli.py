@@ -249,6 +249,91 @@ def cmd_devices_list(args, session):
     return 0
 
 
+def _device(session, hostname):
+    from .storage import NotFound
+
+    try:
+        return session.storage.get_device(hostname)
+    except NotFound:
+        raise UserError("device %s: no such device" % hostname) from None
+
+
+def _worker(session, hostname):
+    from .storage import NotFound
+
+    try:
+        return session.storage.get_worker(hostname)
+    except NotFound:
+        raise UserError("worker %s: no such worker" % hostname) from None
+
+
+def _parse(enum, text, option):
+    try:
+        return enum.parse(text)
+    except ValueError as exc:
+        raise UserError("%s: %s" % (option, exc)) from None
+
+
+def cmd_devices_show(args, session):
+    device = _device(session, args.hostname)
+    data = device.to_dict()
+    data["history"] = [dict(h, time=_iso(h["time"]))
+                       for h in session.storage.list_history("device", device.hostname)]
+    if args.json:
+        _print_json(data)
+        return 0
+    for key in ("hostname", "device_type", "worker", "state", "health", "tags",
+                "current_job", "last_health_report_job"):
+        value = data.get(key)
+        print("%-24s %s" % (key + ":", "-" if value in (None, [], "") else value))
+    for entry in data["history"]:
+        print("%-24s %s %s -> %s by %s: %s" % ("history:", entry["time"], entry["old"],
+                                                entry["new"], entry["user"] or "-",
+                                                entry["reason"] or "-"))
+    return 0
+
+
+def cmd_devices_set_health(args, session):
+    from . import health
+    from .states import DeviceHealth
+
+    _device(session, args.hostname)
+    new = _parse(DeviceHealth, args.health, "health")
+    device = health.set_device_health(session, args.hostname, new, args.user, args.reason)
+    print("%s: %s" % (device.hostname, device.health.display))
+    return 0
+
+
+def cmd_workers_set_health(args, session):
+    from .states import WorkerHealth
+
+    _worker(session, args.hostname)
+    new = _parse(WorkerHealth, args.health, "health")
+    worker = session.flow.set_worker_health(args.hostname, new, args.user, args.reason)
+    print("%s: %s" % (worker.hostname, worker.health.display))
+    return 0
+
+
+def cmd_workers_show(args, session):
+    worker = _worker(session, args.hostname)
+    data = worker.to_dict()
+    data["devices"] = [d.hostname for d in session.storage.list_devices(worker=worker.hostname)]
+    data["history"] = [dict(h, time=_iso(h["time"]))
+                       for h in session.storage.list_history("worker", worker.hostname)]
+    if args.json:
+        _print_json(data)
+    else:
+        for key, value in data.items():
+            print("%-16s %s" % (key + ":", value))
+    return 0
+
+
+def _iso(epoch):
+    from .models import iso
+
+    return iso(epoch)
+
+
 def cmd_workers_list(args, session):
     rows = [w.to_dict() for w in session.storage.list_workers()]
     if args.json:
@@ -320,17 +405,37 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_jobs_results)
 
-    devices = sub.add_parser("devices", help="list devices")
+    devices = sub.add_parser("devices", help="list and show devices, set their health")
     dsub = devices.add_subparsers(dest="devices_command", required=True)
     p = dsub.add_parser("list")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_devices_list)
+    p = dsub.add_parser("show", help="a device with its health history")
+    p.add_argument("hostname")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_devices_show)
+    p = dsub.add_parser("set-health", help="Good|Unknown|Looping|Bad|Maintenance|Retired")
+    p.add_argument("hostname")
+    p.add_argument("health")
+    p.add_argument("--reason", default="")
+    p.add_argument("--user", default=os.environ.get("USER", ""))
+    p.set_defaults(func=cmd_devices_set_health)
 
-    workers = sub.add_parser("workers", help="list workers")
+    workers = sub.add_parser("workers", help="list and show workers, set their health")
     wsub = workers.add_subparsers(dest="workers_command", required=True)
     p = wsub.add_parser("list")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_workers_list)
+    p = wsub.add_parser("show")
+    p.add_argument("hostname")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_workers_show)
+    p = wsub.add_parser("set-health", help="Active|Maintenance|Retired (cascades to devices)")
+    p.add_argument("hostname")
+    p.add_argument("health")
+    p.add_argument("--reason", default="")
+    p.add_argument("--user", default=os.environ.get("USER", ""))
+    p.set_defaults(func=cmd_workers_set_health)
 
     tokens = sub.add_parser("tokens", help="API tokens")
     tsub = tokens.add_subparsers(dest="tokens_command", required=True)

@@ -9,8 +9,8 @@ Flow, with different publishers (the PUB socket, or a notification to the master
 
 import logging
 
-from .states import (DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth,
-                     WorkerState)
+from .states import (CHECKABLE_HEALTH, SCHEDULABLE_HEALTH, DeviceHealth, DeviceState,
+                     JobHealth, JobState, WorkerHealth, WorkerState)
 
 log = logging.getLogger("lavacore.flow")
 
@@ -79,6 +79,9 @@ class Flow:
             if job.state != JobState.SUBMITTED or device.state != DeviceState.IDLE:
                 return None
             if job.requested_device_type not in (None, device.device_type):
+                return None
+            allowed = CHECKABLE_HEALTH if job.health_check else SCHEDULABLE_HEALTH
+            if device.health not in allowed:
                 return None
             job.state, job.actual_device, job.worker = JobState.SCHEDULED, hostname, device.worker
             st.update_job(job_id, state=job.state, actual_device=hostname, worker=device.worker)

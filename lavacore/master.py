@@ -12,7 +12,7 @@ import gevent
 import gevent.event
 import zmq.green as zmq
 
-from . import devices, plugins, protocol
+from . import devices, health, plugins, protocol
 from .clock import Clock
 from .config import ConfigError
 from .flow import Flow
@@ -22,7 +22,8 @@ from .services.controller import Controller
 from .services.events import EventService
 from .services.logs import LogService
 from .services.scheduler import NotifyService, SchedulerService, WatchdogService
-from .states import (INFRASTRUCTURE_ERRORS, DeviceHealth, JobHealth, JobState, WorkerState)
+from .states import (CHECKABLE_HEALTH, INFRASTRUCTURE_ERRORS, DeviceHealth, JobHealth,
+                     JobState, WorkerState)
 from .storage import NotFound, StorageError
 
 log = logging.getLogger("lavacore.master")
@@ -244,25 +245,26 @@ class Master:
     # -- scheduling and starting --------------------------------------------------------
 
     def schedule_pass(self):
-        """Ask the scheduler plugin for assignments, apply them, START what was placed."""
+        """Health checks first, then the scheduler plugin's assignments; START each."""
         try:
-            view = SchedulingView(self.storage)
+            # Looping devices are in the view for health checks only (health.plan).
+            view = SchedulingView(self.storage, healths=CHECKABLE_HEALTH)
             if not view.device_types():
                 return []
-            assignments = self.hook.schedule(master=self, queue=view) or []
-            started = []
-            for job_id, hostname in assignments:
-                placed = self.flow.schedule(job_id, hostname)
-                if placed is None:
-                    log.warning("[job %s] the scheduler placed it on %s, which is not"
-                                " possible now; skipped", job_id, hostname)
-                    continue
-                job, device = placed
-                log.info("[job %d] Scheduled on %s (worker %s)", job.id, device.hostname,
-                         device.worker)
+            placed = health.plan(self, view)
+            if view.device_types():
+                for job_id, hostname in self.hook.schedule(master=self, queue=view) or []:
+                    result = self.flow.schedule(job_id, hostname)
+                    if result is None:
+                        log.warning("[job %s] the scheduler placed it on %s, which is not"
+                                    " possible now; skipped", job_id, hostname)
+                        continue
+                    log.info("[job %d] Scheduled on %s (worker %s)", job_id, hostname,
+                             result[1].worker)
+                    placed.append(result)
+            for job, device in placed:
                 self.start_job(job, device)
-                started.append(job.id)
-            return started
+            return [job.id for job, _ in placed]
         except StorageError as exc:
             log.error("scheduling pass failed: %s", exc)
             return []

@@ -29,7 +29,14 @@ class SchedulingView:
             self.rng.shuffle(devices)
 
     def device_types(self):
-        return sorted(self._by_type)
+        return sorted(t for t, devices in self._by_type.items() if devices)
+
+    def remove(self, hostnames):
+        """Take devices out of this pass (they got a health check, or may not run jobs)."""
+        gone = set(hostnames)
+        if gone:
+            for device_type, devices in self._by_type.items():
+                self._by_type[device_type] = [d for d in devices if d.hostname not in gone]
 
     def devices(self, device_type):
         return list(self._by_type.get(device_type, ()))

@@ -70,6 +70,7 @@ DEVICE_HEALTH_NAMES = tuple(m.display for m in DeviceHealth)
 
 # Devices a normal job may be scheduled on (spec 9.2); health checks also take LOOPING.
 SCHEDULABLE_HEALTH = (DeviceHealth.GOOD, DeviceHealth.UNKNOWN)
+CHECKABLE_HEALTH = SCHEDULABLE_HEALTH + (DeviceHealth.LOOPING,)
 
 # error_type values of a lava/job result that mean the device or lab, not the job, failed.
 INFRASTRUCTURE_ERRORS = frozenset({"Bug", "Configuration", "Infrastructure"})

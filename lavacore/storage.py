@@ -357,6 +357,11 @@ class SQLStorage:
         rows = self._all(statement, (int(JobState.SUBMITTED), device_type))
         return [JOBS.decode(row) for row in rows]
 
+    def count_jobs_started_since(self, hostname, since):
+        """Normal (not health-check) jobs started on ``hostname`` at or after ``since``."""
+        return self._one("SELECT COUNT(*) FROM jobs WHERE actual_device = ? AND"
+                         " health_check = 0 AND start_time >= ?", (hostname, since))[0]
+
     def queued_device_types(self):
         rows = self._all("SELECT DISTINCT requested_device_type FROM jobs WHERE state = ?"
                          " AND requested_device_type IS NOT NULL", (int(JobState.SUBMITTED),))
