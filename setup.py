@@ -9,6 +9,7 @@ from setuptools import setup
 PLUGINS = [
     "scheduler_fifo",
     "storage_sqlite",
+    "multinode",
 ]
 
 setup(

@@ -58,7 +58,8 @@ class Flow:
             self.publish("device", device_event(device, job.id), username or "lava-health")
         if self.hook is not None:
             try:
-                self.hook.on_job_state(master=self.master, job=job, old_state=old_state)
+                self.hook.on_job_state(master=self.master, flow=self, job=job,
+                                       old_state=old_state)
             except Exception:
                 log.exception("[job %s] a plugin's on_job_state failed", job.id)
 
@@ -131,15 +132,18 @@ class Flow:
             job = st.get_job(job_id, lock=True)
             if job.state >= JobState.CANCELING:
                 return None
-            if job.state == JobState.SUBMITTED:
-                return self._finish_locked(job, JobHealth.CANCELED, username=username,
-                                           comment="canceled before it was scheduled")
+            device = None
             old = job.state
-            job.state = JobState.CANCELING
-            st.update_job(job_id, state=job.state)
-        self._job_changed(job, old, username=username)
+            if job.state == JobState.SUBMITTED:
+                job, old, device = self._finish_locked(
+                    job, JobHealth.CANCELED, username=username,
+                    comment="canceled before it was scheduled")
+            else:
+                job.state = JobState.CANCELING
+                st.update_job(job_id, state=job.state)
+        self._job_changed(job, old, device, username)
         if self.hook is not None:
-            self.hook.on_cancel(master=self.master, job=job)
+            self.hook.on_cancel(master=self.master, flow=self, job=job)
         return job
 
     def record_result(self, job_id, result, error_type=None, error_msg=None):
@@ -155,10 +159,15 @@ class Flow:
             job = self.storage.get_job(job_id, lock=True)
             if job.state == JobState.FINISHED:
                 return None
-            return self._finish_locked(job, health, infrastructure_error, comment, username)
+            job, old, device = self._finish_locked(job, health, infrastructure_error, comment,
+                                                   username)
+        self._job_changed(job, old, device, username)
+        return job
 
     def _finish_locked(self, job, health, infrastructure_error=False, comment=None,
                        username=None):
+        """The Finished transition inside the caller's transaction; returns (job, old
+        state, device) for the caller to announce once committed."""
         st = self.storage
         old = job.state
         if health == JobHealth.UNKNOWN:
@@ -190,8 +199,7 @@ class Flow:
                 st.add_history("device", device.hostname, health_change[0].display,
                                health_change[1].display, "lava-health", reason,
                                self.clock.time())
-        self._job_changed(job, old, device, username)
-        return job
+        return job, old, device
 
     @staticmethod
     def _device_health_after(job, device):

@@ -104,17 +104,19 @@ def on_end(master, hostname, job, errors, description):
 
 
 @hookspec
-def on_cancel(master, job):
+def on_cancel(master, flow, job):
     """``job`` was asked to stop (moved to Canceling, or finished Canceled from Submitted).
-    Called in the greenlet that canceled it (API, CLI notification or controller). Results
-    are ignored."""
+    ``flow`` is the :class:`lavacore.flow.Flow` that did it (use it for further changes:
+    it works in the master and in the command line, where ``master`` is None). Called in
+    the greenlet that canceled it; may block on storage. Results are ignored."""
 
 
 @hookspec
-def on_job_state(master, job, old_state):
-    """``job`` moved from ``old_state`` to ``job.state`` (a JobState). Called after the
-    change is committed, in the greenlet that made it. Must not block for long. Results
-    are ignored. ``master`` is None when the change was made by the command line.
+def on_job_state(master, flow, job, old_state):
+    """``job`` moved from ``old_state`` to ``job.state`` (a JobState; None for a new job).
+    Called after the change is committed, in the greenlet that made it, with the ``flow``
+    that made it. May block briefly on storage. Results are ignored. ``master`` is None
+    when the change was made by the command line.
     """
 
 

@@ -180,7 +180,12 @@ def submit(storage, hook, master, text, submitter, now, health_check=False):
             raise doc.error("protocols", "multinode jobs need the multinode plugin, which is"
                             " not loaded")
         records = [single_job(storage, doc, submitter, now, health_check)]
-    ids = storage.insert_jobs(records)
-    for job, job_id in zip(records, ids):
-        job.id = job_id
+    with storage.transaction():
+        ids = storage.insert_jobs(records)
+        for index, (job, job_id) in enumerate(zip(records, ids)):
+            job.id = job_id
+            if job.target_group:
+                # LAVA's display id of a group member: "<first id>.<index>".
+                job.sub_id = "%d.%d" % (ids[0], index)
+                storage.update_job(job_id, sub_id=job.sub_id)
     return records

@@ -357,6 +357,13 @@ class SQLStorage:
         rows = self._all(statement, (int(JobState.SUBMITTED), device_type))
         return [JOBS.decode(row) for row in rows]
 
+    def queued_group_jobs(self):
+        """Submitted members of multinode groups, in queue order."""
+        rows = self._all("%s WHERE state = ? AND target_group != ''"
+                         " ORDER BY priority DESC, submit_time, id" % JOBS.select,
+                         (int(JobState.SUBMITTED),))
+        return [JOBS.decode(row) for row in rows]
+
     def count_jobs_started_since(self, hostname, since):
         """Normal (not health-check) jobs started on ``hostname`` at or after ``since``."""
         return self._one("SELECT COUNT(*) FROM jobs WHERE actual_device = ? AND"

@@ -7,7 +7,6 @@ workers is tracked here (``seen``); the watchdog service marks silent ones Offli
 
 import os
 
-import gevent
 import zmq.green as zmq
 
 from .. import protocol
@@ -118,13 +117,16 @@ class Controller(Service):
         master = self.master
         now = master.clock.monotonic()
         first = hostname not in self.seen
+        went_online = False
         if first or now - self._written.get(hostname, 0) >= LAST_PING_EVERY:
             # last_ping is kept to the nearest few seconds in the database, so a PING
             # costs no write; state changes are always written at once.
-            self._store_alive(hostname, first)
+            went_online = self._store_alive(hostname, first)
             self._written[hostname] = now
         # Only once the database knows it is Online: until then every message retries.
         self.seen[hostname] = now
+        if went_online:
+            master.worker_online(hostname)
         if first and not greeting:
             self.log.info("worker %s: first message since the master started; asking the"
                           " status of its jobs", hostname)
@@ -144,7 +146,7 @@ class Controller(Service):
                                                    last_ping=master.clock.time())
         if went_online:
             self.log.info("worker %s: Online", hostname)
-            gevent.spawn(master.worker_online, hostname)
+        return went_online
 
     # -- actions ------------------------------------------------------------------------
 
