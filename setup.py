@@ -4,7 +4,7 @@ Builtin plugins are registered through the entry-point group ``lavacore.plugins`
 way a third party's plugin is.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 PLUGINS = [
     "scheduler_fifo",
@@ -17,8 +17,9 @@ setup(
     version="0.1.0",
     description="A LAVA protocol v3 test-job dispatcher for device labs, on gevent and pluggy",
     python_requires=">=3.11",
-    packages=["lavacore", "lavacore.services", "lavacore_plugins"]
-    + ["lavacore_plugins.%s" % name for name in PLUGINS],
+    packages=find_packages(include=["lavacore", "lavacore.*"])
+    + ["lavacore_plugins"]
+    + ["lavacore_plugins." + name for name in find_packages("plugins")],
     package_dir={"lavacore_plugins": "plugins"},
     install_requires=[
         "gevent>=23.9",
@@ -34,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": [
             "lavacore = lavacore.cli:main",
+            "lavacore-run = lavacore.worker.runner:main",
         ],
         "lavacore.plugins": [
             "%s = lavacore_plugins.%s" % (name, name) for name in PLUGINS

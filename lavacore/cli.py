@@ -67,9 +67,7 @@ def cmd_master(args):
 
     _setup_logging(args.log_level)
     config = config_mod.load(args.config)
-    master = Master(config)
-    master.start()
-    return master.serve_forever()
+    return Master(config).run()
 
 
 def cmd_submit(args, session):

@@ -70,6 +70,7 @@ class Master:
             self.storage = open_storage(self.config, self.pm)
         self.storage.acquire_leadership(self._stopped)
         if self._stopped.is_set():
+            self._done.set()
             return self
         self.templates = devices.DeviceTemplates(
             self.config.resolve(self.config.master.dispatcher_config), self.storage)
@@ -124,16 +125,18 @@ class Master:
             except Exception:
                 log.exception("stopping service %s failed", service.name)
         if self.context is not None:
-            self.context.term()
+            # Closes whatever a plugin left open instead of waiting for it forever.
+            self.context.destroy(linger=0)
             self.context = None
         if self.storage is not None:
             self.storage.close()
         log.info("master stopped")
         self._done.set()
 
-    def serve_forever(self):
-        """Run until SIGTERM/SIGINT (exit 0) or a service crash (exit 1). A second SIGINT
-        kills at once. SIGHUP reloads device dictionaries and worker configuration."""
+    def run(self):
+        """Start, then serve until SIGTERM/SIGINT (exit 0) or a service crash (exit 1). A
+        second SIGINT kills at once. SIGHUP reloads device dictionaries and worker files.
+        The handlers are in place before anything starts, so no signal is missed."""
         interrupts = []
 
         def on_stop(signum):
@@ -147,6 +150,7 @@ class Master:
                     gevent.signal_handler(signal.SIGINT, on_stop, signal.SIGINT),
                     gevent.signal_handler(signal.SIGHUP, self.reload)]
         try:
+            self.start()
             self._done.wait()
         finally:
             for handler in handlers:
@@ -154,6 +158,8 @@ class Master:
         return self.exit_code
 
     def reload(self):
+        if not self._started:
+            return
         log.info("reloading device dictionaries and worker configuration")
         self.templates.reload()
         self.hook.configure(config=self.config, master=self)

@@ -134,7 +134,8 @@ class Lab:
         for worker in self.workers:
             worker.close()
         self.master.stop()
-        self.context.term()
+        # destroy, not term: a socket a failed test left open must not hang teardown.
+        self.context.destroy(linger=0)
 
 
 @pytest.fixture

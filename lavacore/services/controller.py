@@ -17,6 +17,7 @@ from .base import Service
 
 MAX_COMMENT = 64 * 1024
 LAST_PING_EVERY = 10.0
+LAVA_LOGS = "lava-logs"
 DRAIN = 1000
 
 
@@ -168,6 +169,8 @@ class Controller(Service):
 
     def on_ping(self, hostname, retry=False):
         self.send(hostname, protocol.pong(self.master.config.master.ping_interval))
+        if hostname == LAVA_LOGS:
+            return  # an old lava-logs daemon; this master is its own lava-logs
         self.alive(hostname)
         self.master.hook.on_ping(master=self.master, hostname=hostname)
 

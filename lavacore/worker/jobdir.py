@@ -1,0 +1,140 @@
+"""A job's directory on the worker, ``<work dir>/tmp/<prefix><job id>``: the files START
+brings, the runner started in it, and what END reads back from it (spec 4.4 and 4.6)."""
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import gevent.subprocess
+import yaml
+
+from .. import protocol
+
+try:
+    _Loader = yaml.CSafeLoader
+except AttributeError:  # pragma: no cover
+    _Loader = yaml.SafeLoader
+
+log = logging.getLogger("lavacore.worker")
+
+DEFAULT_RUNNER = "lavacore-run"
+# END carries the runner's stderr; a runner that crashed in a loop can leave megabytes of
+# it, and the master only shows it as a failure comment, so only the tail is sent.
+MAX_STDERR = 1024 * 1024
+
+
+def prefix(job_id, dispatcher):
+    """dispatcher.yaml's ``prefix``, which lets several workers share one host's tmp dir."""
+    if not dispatcher.strip():
+        return ""
+    try:
+        data = yaml.load(dispatcher, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        log.warning("job %d: dispatcher config is not valid YAML (%s): no prefix", job_id,
+                    " ".join(str(exc).split()))
+        return ""
+    value = data.get("prefix", "") if isinstance(data, dict) else ""
+    value = "" if value is None else str(value)
+    if "/" in value or "\0" in value:
+        log.warning("job %d: dispatcher prefix %r would leave the tmp dir: ignored", job_id,
+                    value)
+        return ""
+    return value
+
+
+def write_files(job_dir, definition, device, dispatcher, env_dut):
+    if os.path.isdir(job_dir):
+        # Left by a job the table no longer knows (its END_OK cleanup failed).
+        shutil.rmtree(job_dir)
+    os.makedirs(job_dir)
+    files = [("job.yaml", definition), ("device.yaml", device), ("dispatcher.yaml", dispatcher)]
+    if env_dut:
+        files.append(("env.dut.yaml", env_dut))
+    for name, text in files:
+        with open(os.path.join(job_dir, name), "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+
+def device_type(job_id, definition, device):
+    """The job's device type: the device config names it in LAVA's templates, the job too."""
+    for what, text in (("device config", device), ("job definition", definition)):
+        try:
+            data = yaml.load(text, Loader=_Loader) if text.strip() else None
+        except yaml.YAMLError:
+            log.warning("job %d: %s is not valid YAML", job_id, what)
+            continue
+        if isinstance(data, dict) and data.get("device_type"):
+            return str(data["device_type"])
+    return None
+
+
+def runner_argv(command, job_id, job_dir, logs_url, has_env_dut, ipv6=False, certs=None):
+    """lava-run's command line, in lava-slave's order (spec 4.4 step 4)."""
+    argv = list(command) + [
+        "--device=%s" % os.path.join(job_dir, "device.yaml"),
+        "--dispatcher=%s" % os.path.join(job_dir, "dispatcher.yaml"),
+        "--output-dir=%s" % job_dir,
+        "--job-id=%d" % job_id,
+        "--logging-url=%s" % logs_url,
+        os.path.join(job_dir, "job.yaml"),
+    ]
+    if ipv6:
+        argv.append("--ipv6")
+    if certs:
+        master_cert, worker_cert = certs
+        argv += ["--master-cert", master_cert, "--slave-cert", worker_cert]
+    if has_env_dut:
+        argv.append("--env-dut=%s" % os.path.join(job_dir, "env.dut.yaml"))
+    return argv
+
+
+def spawn(argv, job_dir, env):
+    """Start the runner with stdout/stderr in the job dir; return its gevent Popen."""
+    # Resolved with the worker's PATH, not the job's: a purged env must not hide it.
+    if os.sep not in argv[0]:
+        found = shutil.which(argv[0])
+        if found is not None:
+            argv = [found] + argv[1:]
+        elif argv[0] == DEFAULT_RUNNER:
+            # The built-in runner is importable wherever the worker is, even when its
+            # console script is not on PATH (a venv not activated, say).
+            argv = [sys.executable, "-m", "lavacore.worker.runner"] + argv[1:]
+        else:
+            raise FileNotFoundError("runner command %r not found on PATH" % argv[0])
+    with open(os.path.join(job_dir, "stdout"), "wb") as out, \
+            open(os.path.join(job_dir, "stderr"), "wb") as err:
+        # start_new_session: the runner leads its own session and process group, so a
+        # worker that stops or dies leaves it running, and CANCEL can signal the group.
+        return gevent.subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
+                                       stderr=err, env=env, cwd=job_dir, close_fds=True,
+                                       start_new_session=True)
+
+
+def append_stderr(job_dir, text):
+    try:
+        with open(os.path.join(job_dir, "stderr"), "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+    except OSError:
+        pass  # the caller keeps the text in memory too
+
+
+def read_stderr(job_dir):
+    """The tail of the runner's stderr (b"" if there is none)."""
+    try:
+        with open(os.path.join(job_dir, "stderr"), "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - MAX_STDERR))
+            return f.read()
+    except OSError:
+        return b""
+
+
+def description(job_dir):
+    """END's description frame: lzma'd description.yaml, or None if there is none."""
+    try:
+        with open(os.path.join(job_dir, "description.yaml"), "rb") as f:
+            return protocol.compress_description(f.read())
+    except OSError:
+        return None
