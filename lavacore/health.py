@@ -39,13 +39,24 @@ def definition(master, device_type):
     return None
 
 
+def _last_check(master, job_id):
+    """The last health check job of a device. Finished jobs do not change, so they are
+    remembered: a pass over thousands of idle devices does not re-read them all."""
+    cache = master.health_check_cache
+    if job_id not in cache:
+        if len(cache) > 100000:
+            cache.clear()
+        try:
+            cache[job_id] = master.storage.get_job(job_id)
+        except NotFound:
+            cache[job_id] = None
+    return cache[job_id]
+
+
 def is_due(master, device, device_type):
     last = None
     if device.last_health_report_job is not None:
-        try:
-            last = master.storage.get_job(device.last_health_report_job)
-        except NotFound:
-            last = None
+        last = _last_check(master, device.last_health_report_job)
     jobs_since = 0
     if last is not None and device_type.health_denominator == "jobs":
         jobs_since = master.storage.count_jobs_started_since(device.hostname,

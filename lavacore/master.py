@@ -21,7 +21,9 @@ from .scheduling import SchedulingView
 from .services.controller import Controller
 from .services.events import EventService
 from .services.logs import LogService
-from .services.scheduler import NotifyService, SchedulerService, WatchdogService
+from .services.notify import NotifyService
+from .services.scheduler import SchedulerService
+from .services.watchdog import WatchdogService
 from .states import (CHECKABLE_HEALTH, INFRASTRUCTURE_ERRORS, DeviceHealth, JobHealth,
                      JobState, WorkerState)
 from .storage import NotFound, StorageError
@@ -54,6 +56,7 @@ class Master:
         self._done = gevent.event.Event()
         self._started = False
         self._result_timers = {}
+        self.health_check_cache = {}  # job id -> finished health-check Job (lavacore/health.py)
         self.local_worker = None
 
     @property
@@ -437,10 +440,8 @@ class Master:
                     log.error("worker %s: cannot mark Offline: %s", hostname, exc)
         wall = self.clock.time()
         try:
-            for job in self.storage.list_jobs(state=[JobState.RUNNING, JobState.CANCELING,
-                                                     JobState.SCHEDULED]):
-                if job.end_seen is not None and \
-                        wall - job.end_seen > self.config.master.result_grace and \
+            for job in self.storage.jobs_awaiting_result():
+                if wall - job.end_seen > self.config.master.result_grace and \
                         job.id not in self._result_timers:
                     self._result_overdue(job.id)
         except StorageError as exc:

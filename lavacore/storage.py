@@ -357,6 +357,12 @@ class SQLStorage:
         rows = self._all(statement, (int(JobState.SUBMITTED), device_type))
         return [JOBS.decode(row) for row in rows]
 
+    def jobs_awaiting_result(self):
+        """Unfinished jobs whose END came with a description, waiting for their result."""
+        rows = self._all("%s WHERE end_seen IS NOT NULL AND state != ?" % JOBS.select,
+                         (int(JobState.FINISHED),))
+        return [JOBS.decode(row) for row in rows]
+
     def queued_group_jobs(self):
         """Submitted members of multinode groups, in queue order."""
         rows = self._all("%s WHERE state = ? AND target_group != ''"
