@@ -137,6 +137,20 @@ def schedule(master, queue):
 
 
 @hookspec(firstresult=True)
+def allocate_groups(master, queue, groups):
+    """Place multinode groups (and, if the policy wants, single jobs) in this pass.
+
+    ``groups`` lists the queued groups in queue order, each a list of its sub-jobs (Job
+    records; dynamic connections have no ``requested_device_type``). Return
+    ``(assignments, device_types)``: the ``(job_id, hostname)`` pairs decided, and the
+    device types this policy decided for, which the installed ``schedule`` hook will then
+    not see. A group must be placed whole or not at all (the core never reserves devices
+    for a waiting group). First non-None wins; the multinode plugin's policy is trylast.
+    Called by the scheduler greenlet; may block on the database.
+    """
+
+
+@hookspec(firstresult=True)
 def health_check_due(master, device, device_type, last_check, jobs_since, now):
     """Is a health check due on ``device`` before its next job? Return True/False, or None
     to defer to the next plugin (the builtin rule of spec 9.1 is trylast). Called by the

@@ -198,6 +198,39 @@ def test_essential_role_failure_cancels_the_others(lab):
     assert lab.job(server).health == JobHealth.INCOMPLETE
 
 
+def test_another_allocation_policy_replaces_the_default(lab, tmp_path, monkeypatch):
+    module = tmp_path / "groups_last.py"
+    module.write_text(textwrap.dedent("""
+        from lavacore.hookspecs import hookimpl
+
+        @hookimpl
+        def allocate_groups(master, queue, groups):
+            # This site places groups only when no single job waits for their types.
+            types = {j.requested_device_type for g in groups for j in g
+                     if j.requested_device_type}
+            if any(not j.target_group for t in types for j in queue.jobs(t)):
+                return [], set()
+            free = {t: queue.devices(t) for t in types}
+            placed = []
+            for group in groups:
+                needs = [j for j in group if j.requested_device_type]
+                if all(len(free[t]) >= sum(1 for j in needs if j.requested_device_type == t)
+                       for t in types):
+                    placed += [(j.id, free[j.requested_device_type].pop().hostname)
+                               for j in needs]
+            return placed, types
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lab = lab(devices=FOUR[:2], extra='[plugins]\nmodules = ["groups_last"]\n')
+    group = lab.submit(group_yaml({"node": (2, "qemu", {})}))
+    single = lab.submit(name="later single")
+    worker = lab.worker()
+    assert int(worker.expect("START")[1]) == single  # the default would start the group
+    _finish(lab, worker, single)
+    starts = {int(worker.expect("START", skip=(b"PONG", b"END_OK"))[1]) for _ in range(2)}
+    assert starts == set(group)
+
+
 def test_jobs_show_lists_the_group(lab):
     from lavacore.cli import job_details
 

@@ -4,8 +4,9 @@ deadlocks of LAVA's one-device-at-a-time reservation.
 Submission: a definition with ``protocols: lava-multinode: roles:`` is split into one
 sub-job per role instance, all in a fresh ``target_group``.
 
-Allocation (the ``schedule`` hook, as a wrapper around whichever scheduler is installed):
-a group gets all its devices in one decision or none, and no device is ever Reserved for
+Allocation (the ``schedule`` hook, as a wrapper around whichever scheduler is installed,
+asking the ``allocate_groups`` hook, which another policy plugin may answer instead): a
+group gets all its devices in one decision or none, and no device is ever Reserved for
 a waiting group. The rule that keeps big groups from starving: *a group keeps its place
 in the queue*. Groups and single jobs of the device types a queued group needs are taken
 together in queue order (priority, then submit time, then id). When a group's turn comes
@@ -263,12 +264,18 @@ def _assign_partial(jobs, pool):
     return taken
 
 
+@hookimpl(trylast=True)
+def allocate_groups(master, queue, groups):
+    return allocate(queue, groups)
+
+
 @hookimpl(wrapper=True)
 def schedule(master, queue):
     groups = queued_groups(master.storage)
     if not groups:
         return (yield)
-    assignments, types = allocate(queue, groups)
+    assignments, types = master.hook.allocate_groups(master=master, queue=queue,
+                                                     groups=groups)
     queue.remove([d.hostname for t in types for d in queue.devices(t)])
     rest = yield
     return assignments + list(rest or [])
