@@ -197,3 +197,26 @@ def test_second_master_on_same_sqlite_file_is_refused(tmp_path, master_process):
     assert second.returncode == 1
     assert "another master already runs" in second.stderr
     assert os.path.exists(tmp_path / "var" / "lavacore.db")
+
+
+def test_sighup_reloads_device_dictionaries_without_restart(tmp_path, master_process):
+    config_path = write_config(tmp_path, master={"schedule_interval": 3600})
+    master = master_process(config_path)
+    context = zmq.Context()
+    worker = ScriptedWorker(context, master.controller, "worker1", master.logs)
+    try:
+        worker.connect()
+        dictionary = tmp_path / "etc/dispatcher-config/devices/qemu01.jinja2"
+        dictionary.write_text("{% extends 'qemu.jinja2' %}\n{% set device_type = 'qemu' %}\n"
+                              "{% set role = 'reloaded' %}\n")
+        master.proc.send_signal(signal.SIGHUP)
+        job_id = int(_submit(config_path, tmp_path, job_yaml()).stdout)
+        frames = worker.expect("START")
+        assert int(frames[1]) == job_id
+        assert b"role: reloaded" in frames[3]
+        assert master.proc.poll() is None
+        assert master.stop() == 0
+        assert "reloading device dictionaries" in master.log_text()
+    finally:
+        worker.close()
+        context.term()
