@@ -89,6 +89,11 @@ class Master:
         self.watchdog = WatchdogService(self)
         self.notify = NotifyService(self)
         self.services = [self.events, self.logs, self.controller, self.notify]
+        if self.config.api.enabled:
+            from .services.api import ApiService
+
+            self.api = ApiService(self)
+            self.services.append(self.api)
         for extra in self.hook.register_services(master=self):
             self.services.extend(extra or ())
         self.services += [self.scheduler, self.watchdog]

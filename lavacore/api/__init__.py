@@ -1,0 +1,6 @@
+"""The HTTP API of the master: XML-RPC at /RPC2 (LAVA's methods, as lavacli calls them)
+and REST/JSON at /api/v1/, both over the same operations (jobs, devices, device types,
+workers) and the same checks of names, ids and tokens.
+
+``lavacore.services.api`` runs it on gevent's WSGI server inside the master.
+"""

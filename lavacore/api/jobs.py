@@ -1,0 +1,257 @@
+"""Job operations behind both /RPC2 and /api/v1/: find, submit, cancel, resubmit,
+validate, list, queue, read logs, definition, configuration and results.
+
+Submissions and cancels go through the same code as the command line (lavacore.jobs and
+Flow), so the master reacts to them at once: a submitted job is scheduled in the same
+breath, a cancel reaches the worker immediately.
+"""
+
+import collections
+import json
+import os
+import re
+
+from .. import jobs as submission
+from ..jobs import JobError
+from ..logformat import parse_line
+from ..states import JobState
+from ..storage import NotFound
+from . import validate
+from .errors import bad_request, not_found
+
+MAX_LOG_LINES = 20000          # per call; the client asks again for the rest
+SCAN_CHUNK = 500
+MAX_SCAN = 20000               # jobs looked at for a time-window filter
+CONFIG_FILES = ("job.yaml", "device.yaml", "dispatcher.yaml", "env.yaml", "env.dut.yaml")
+
+
+def find(master, ident):
+    """The job for an id as a client sends it (42, "42", "42.1"); 404 if there is none."""
+    ident = validate.job_id(ident)
+    try:
+        if isinstance(ident, int):
+            return master.storage.get_job(ident)
+        found = master.storage.list_jobs(sub_id=ident, limit=1)
+    except NotFound:
+        found = None
+    if not found:
+        raise not_found("Job '%s' was not found." % ident)
+    return found[0]
+
+
+def submit(caller, text):
+    """Queue a definition as the caller; returns the Job records (several: multinode)."""
+    user = caller.require_user()
+    text = validate.text(text, "definition", limit=submission.MAX_DEFINITION + 1)
+    master = caller.master
+    try:
+        records = submission.submit(master.storage, master.hook, master, text, user,
+                                    master.clock.time())
+    except JobError as exc:
+        raise bad_request("Problem with submitted job data: %s" % exc) from None
+    master.flow.submitted(records)
+    return records
+
+
+def resubmit(caller, ident):
+    job = find(caller.master, ident)
+    return submit(caller, job.original_definition or job.definition)
+
+
+def cancel(caller, ident):
+    """Cancel as the caller. A job already finished or canceling is left as it is."""
+    user = caller.require_user()
+    job = find(caller.master, ident)
+    canceled = caller.master.flow.cancel(job.id, username=user)
+    return canceled or caller.master.storage.get_job(job.id)
+
+
+_PATH_RE = re.compile(r"^(?:line \d+(?:, column \d+)?: )?([A-Za-z_][\w-]*): ")
+
+
+def check(caller, text):
+    """Validate without queueing: {} when valid, else {"path": key, "msg": reason}."""
+    master = caller.master
+    text = validate.text(text, "definition", limit=submission.MAX_DEFINITION + 1)
+    try:
+        doc = submission.Located(text)
+        submission.check_common(doc)
+        problems = []
+        for found in master.hook.validate_job(master=master, definition=doc.data,
+                                              submitter=caller.user):
+            problems.extend(found or ())
+        if problems:
+            raise JobError(problems[0])
+    except JobError as exc:
+        message = str(exc)
+        match = _PATH_RE.match(message)
+        return {"path": match.group(1) if match else "", "msg": message}
+    return {}
+
+
+def definition(job):
+    # A multinode member's original definition is the whole group's, as LAVA returns it.
+    return job.original_definition or job.definition
+
+
+def configuration(master, job):
+    """[definition, device, dispatcher, env, env-dut] as the job was started with (None
+    for a file it did not get); 404 before it was started."""
+    if job.state < JobState.SCHEDULED and job.state != JobState.FINISHED:
+        raise not_found("Job '%s' has not started yet" % job.id)
+    output = job.output_dir(master.output_root)
+    texts = []
+    for name in CONFIG_FILES:
+        try:
+            with open(os.path.join(output, name), encoding="utf-8", errors="replace") as f:
+                texts.append(f.read())
+        except OSError:
+            texts.append(None)
+    return texts
+
+
+def listing(master, state=None, health=None, offset=0, limit=25, since=None,
+            running_for=None, order="-id", **filters):
+    """Jobs matching the filters, newest first. ``since`` (minutes): ended in that window;
+    ``running_for`` (minutes): started at least that long ago."""
+    criteria = {key: value for key, value in filters.items() if value is not None}
+    if state is not None:
+        criteria["state"] = state
+    if health is not None:
+        criteria["health"] = health
+    if not since and not running_for:
+        return master.storage.list_jobs(limit=limit, offset=offset, order=order, **criteria)
+    now = master.clock.time()
+    if since:
+        cutoff = now - since * 60
+        found = _scan(master.storage, "-end_time", criteria,
+                      keep=lambda job: job.end_time <= now,
+                      stop=lambda job: job.end_time is None or job.end_time < cutoff)
+    else:
+        found = _scan(master.storage, "-id", criteria, keep=lambda job: True)
+    if running_for:
+        started = now - running_for * 60
+        found = [job for job in found if job.start_time is not None and
+                 job.start_time <= started]
+    reverse = order.startswith("-")
+    key = order.lstrip("-")
+    found.sort(key=lambda job: (getattr(job, key) or 0, job.id), reverse=reverse)
+    return found[offset:offset + limit]
+
+
+def _scan(storage, order, criteria, keep, stop=lambda job: False):
+    found, offset = [], 0
+    while offset < MAX_SCAN:
+        chunk = storage.list_jobs(limit=SCAN_CHUNK, offset=offset, order=order, **criteria)
+        for job in chunk:
+            if stop(job):
+                return found
+            if keep(job):
+                found.append(job)
+        if len(chunk) < SCAN_CHUNK:
+            break
+        offset += SCAN_CHUNK
+    return found
+
+
+def queue(master, device_types=None, offset=0, limit=25):
+    return master.storage.list_jobs(limit=limit, offset=offset, order="-id",
+                                    state=JobState.SUBMITTED,
+                                    requested_device_type=device_types)
+
+
+def results(master, job, suite=None, case=None):
+    cases = master.storage.list_testcases(job.id, suite=suite)
+    if case is not None:
+        cases = [c for c in cases if c.name == case]
+    return cases
+
+
+# -- logs -------------------------------------------------------------------------------
+
+# Characters YAML readers refuse or fold inside a quoted scalar: escaped so each entry
+# stays one valid line whatever the job printed.
+_UNSAFE = re.compile("[\x7f-\x84\x86-\x9f\ud800-\udfff\ufeff\ufffe\uffff\u2028\u2029]")
+
+
+def _escape(match):
+    return "\\u%04x" % ord(match.group(0))
+
+
+def entry(raw):
+    """One output.yaml line -> the log entry (a dict with ``dt`` as text)."""
+    line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    if line.startswith("- "):
+        line = line[2:]
+    try:
+        data = parse_line(line)
+    except ValueError:
+        return {"dt": "", "lvl": "debug", "msg": line}
+    if not isinstance(data.get("dt"), str):
+        data["dt"] = "" if data.get("dt") is None else str(data["dt"])
+    return data
+
+
+def dump_entries(entries):
+    """Log entries as the YAML list LAVA returns: one JSON flow mapping per line."""
+    lines = []
+    for item in entries:
+        text = json.dumps(item, ensure_ascii=False, default=str)
+        lines.append("- " + _UNSAFE.sub(_escape, text) + "\n")
+    return "".join(lines)
+
+
+class LogReader:
+    """Reads entries ``start..end`` of jobs' output.yaml, remembering where the last line
+    read of each recently read file begins so following a log does not re-read it all."""
+
+    def __init__(self, size=128):
+        self._marks = collections.OrderedDict()  # path -> (line number, byte offset)
+        self._size = size
+
+    def read(self, path, start=0, end=None, limit=MAX_LOG_LINES):
+        """(entries, more): ``more`` when lines past the returned ones may follow now."""
+        entries = []
+        line_no, offset = 0, 0
+        mark = self._marks.get(path)
+        if mark is not None and mark[0] <= start:
+            line_no, offset = mark
+        try:
+            handle = open(path, "rb")
+        except OSError:
+            return entries, False
+        more = False
+        with handle:
+            handle.seek(offset)
+            while end is None or line_no < end:
+                position = handle.tell()
+                raw = handle.readline()
+                if not raw:
+                    break
+                if not raw.endswith(b"\n"):
+                    break  # being written: the rest comes with the next call
+                if line_no >= start:
+                    if len(entries) >= limit:
+                        more = True
+                        handle.seek(position)
+                        break
+                    entries.append(entry(raw))
+                line_no += 1
+                offset = handle.tell()
+        self._remember(path, line_no, offset)
+        return entries, more
+
+    def _remember(self, path, line_no, offset):
+        self._marks[path] = (line_no, offset)
+        self._marks.move_to_end(path)
+        while len(self._marks) > self._size:
+            self._marks.popitem(last=False)
+
+
+def logs(master, reader, job, start=0, end=None):
+    """(finished, entries): finished only when the job is Finished and nothing is left."""
+    start = validate.integer(start, "start", default=0, minimum=0)
+    end = validate.integer(end, "end", default=None, minimum=0)
+    path = os.path.join(job.output_dir(master.output_root), "output.yaml")
+    entries, more = reader.read(path, start, end)
+    return job.state == JobState.FINISHED and not more, entries
