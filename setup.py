@@ -10,6 +10,7 @@ PLUGINS = [
     "scheduler_fifo",
     "storage_sqlite",
     "multinode",
+    "auth_curve",
 ]
 
 setup(

@@ -353,6 +353,32 @@ def cmd_tokens_create(args, session):
     return 0
 
 
+def cmd_certs_create(args):
+    from . import certs
+
+    key = certs.create_keypair(args.name, args.dir, force=args.force)
+    print("public key: %s" % key.path)
+    print("secret key: %s_secret" % key.path)
+    return 0
+
+
+def cmd_workers_allow(args, session):
+    from . import certs
+
+    key = certs.allow_worker(session.config, args.hostname, args.public_key_file)
+    print("%s: allowed (key %s)%s" % (args.hostname, key.public_key,
+                                      ", replacing the previous key" if key.replaced else ""))
+    return 0
+
+
+def cmd_workers_revoke(args, session):
+    from . import certs
+
+    certs.revoke_worker(session.config, args.hostname)
+    print("%s: revoked" % args.hostname)
+    return 0
+
+
 def cmd_db_migrate(args, session):
     print("schema version %d" % session.storage.schema_version())
     return 0
@@ -435,6 +461,22 @@ def build_parser():
     p.add_argument("--user", default=os.environ.get("USER", ""))
     p.set_defaults(func=cmd_workers_set_health)
 
+    p = wsub.add_parser("allow", help="allow a worker's CURVE public key ([auth_curve])")
+    p.add_argument("hostname")
+    p.add_argument("public_key_file")
+    p.set_defaults(func=cmd_workers_allow)
+    p = wsub.add_parser("revoke", help="revoke a worker's CURVE key ([auth_curve])")
+    p.add_argument("hostname")
+    p.set_defaults(func=cmd_workers_revoke)
+
+    certs = sub.add_parser("certs", help="CURVE key pairs")
+    csub = certs.add_subparsers(dest="certs_command", required=True)
+    p = csub.add_parser("create", help="write NAME.key and NAME.key_secret")
+    p.add_argument("name")
+    p.add_argument("--dir", default=".")
+    p.add_argument("--force", action="store_true", help="overwrite an existing pair")
+    p.set_defaults(func=cmd_certs_create, needs_config=False)
+
     tokens = sub.add_parser("tokens", help="API tokens")
     tsub = tokens.add_subparsers(dest="tokens_command", required=True)
     p = tsub.add_parser("create")
@@ -471,6 +513,8 @@ def main(argv=None):
         if args.command in (None, "master"):
             return cmd_master(args)
         _setup_logging("WARNING")
+        if not getattr(args, "needs_config", True):
+            return args.func(args)
         session = Session(args.config)
         try:
             return args.func(args, session)

@@ -63,9 +63,10 @@ def authorize_worker(master, hostname, public_key):
     """May the peer with CURVE ``public_key`` (z85 text, or None for plaintext) speak as
     ``hostname``? Return True/False; None leaves the decision to the next plugin.
 
-    Called by the controller greenlet for every message that carries a key (the result
-    is cached by the auth plugin, not the core). Must not block. With no answer at all,
-    the message is accepted (plaintext deployments have no auth plugin).
+    Called by the controller greenlet for every message that carries a key, and by the
+    logs greenlet once per job and key in each batch of log lines (``hostname`` is then
+    the job's worker). Must not block. With no answer at all, the message is accepted,
+    unless ``master.auth_required`` is set by an auth plugin.
     """
 
 

@@ -7,6 +7,7 @@ the same shape. Readers try JSON first (fast) and fall back to YAML for lava-run
 
 import datetime
 import json
+import re
 
 import yaml
 
@@ -23,10 +24,24 @@ def utcnow_iso():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None).isoformat()
 
 
+# Characters YAML readers refuse or fold inside a quoted scalar. JSON leaves them raw;
+# escaped, each line stays one valid YAML line whatever a job printed.
+_UNSAFE = re.compile("[\x7f-\x84\x86-\x9f\ud800-\udfff\ufeff\ufffe\uffff\u2028\u2029]")
+
+
+def _escape(match):
+    return "\\u%04x" % ord(match.group(0))
+
+
+def dumps(data):
+    """JSON text that is also a valid one-line YAML flow mapping."""
+    text = json.dumps(data, ensure_ascii=False, separators=(", ", ": "), default=str)
+    return _UNSAFE.sub(_escape, text)
+
+
 def make_line(lvl, msg, dt=None):
     """One log line as text (no trailing newline, no leading ``- ``)."""
-    return json.dumps({"dt": dt or utcnow_iso(), "lvl": lvl, "msg": msg},
-                      ensure_ascii=False, separators=(", ", ": "))
+    return dumps({"dt": dt or utcnow_iso(), "lvl": lvl, "msg": msg})
 
 
 def result_line(definition, case, result, measurement=None, units=None, **extra):

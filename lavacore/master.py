@@ -102,10 +102,10 @@ class Master:
             for service in self.services:
                 greenlet = service.start()
                 greenlet.link_exception(self._service_died)
+            self._start_local_worker()
         except Exception:
             self.stop()
             raise
-        self._start_local_worker()
         log.info("master started (storage %s, scheduler %s, %d services)",
                  self.storage.name, self.config.scheduler.plugin, len(self.services))
         return self
@@ -204,10 +204,16 @@ class Master:
 
         master_url = local.master or _connectable(self.controller.endpoint)
         logs_url = local.logs or _connectable(self.logs.endpoint)
-        self.local_worker = LocalWorker(
-            master=master_url, logs=logs_url, hostname=local.hostname,
-            work_dir=self.config.resolve(local.work_dir), runner=local.runner,
-            **local.options)
+        options = dict(local.options)
+        for key in ("master_cert", "worker_cert"):
+            if options.get(key):
+                options[key] = self.config.resolve(options[key])
+        try:
+            self.local_worker = LocalWorker(
+                master=master_url, logs=logs_url, hostname=local.hostname,
+                work_dir=self.config.resolve(local.work_dir), runner=local.runner, **options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("[local_worker] options: %s" % exc) from None
         self.local_worker.start()
         log.info("local worker %s started (work dir %s)", local.hostname,
                  self.config.resolve(local.work_dir))

@@ -70,7 +70,7 @@ def write_config(tmp_path, devices=(("qemu01", "qemu", "worker1", ()),), master=
             % (device_type, device_type))
     settings = {"listen": "tcp://127.0.0.1:*", "logs": "tcp://127.0.0.1:*",
                 "events": "tcp://127.0.0.1:*", "ping_interval": 20, "worker_timeout": 60,
-                "schedule_interval": 20, "watchdog_interval": 0.05, "result_grace": 0.5}
+                "schedule_interval": 20, "watchdog_interval": 0.05, "result_grace": 5}
     settings.update(master or {})
     lines = ["[master]"]
     for key, value in settings.items():

@@ -536,3 +536,28 @@ def test_multinode_submit_returns_sub_ids_as_lava(api):
                     expect=201)
     assert rest["job_ids"] == [first + 2, first + 3]
 
+
+def test_certificates_with_auth_curve(api, tmp_path):
+    from lavacore import certs
+
+    keys = tmp_path / "certs"
+    master_key = certs.create_keypair("master", str(keys))
+    worker_key = certs.create_keypair("worker9", str(tmp_path / "worker9"))
+    (keys / "workers").mkdir()
+    lab = api(extra='[auth_curve]\nmaster_cert = "certs/master.key_secret"\n'
+                    'workers_certs = "certs/workers"\n')
+    alice, anonymous = lab.rpc("alice"), lab.rpc()
+    certificate = anonymous.system.get_master_certificate()
+    assert master_key.public_key in certificate and "secret" not in certificate
+    alice.scheduler.workers.add("worker9")
+    with open(worker_key.path + "_secret") as handle:
+        refused = fault(alice.scheduler.workers.set_certificate, "worker9", handle.read())
+    assert refused.faultCode == 400 and "public" in refused.faultString
+    with open(worker_key.path) as handle:
+        assert alice.scheduler.workers.set_certificate("worker9", handle.read()) is True
+    assert (keys / "workers" / "worker9.key").exists()
+    assert worker_key.public_key in anonymous.scheduler.workers.get_certificate(
+        "worker9").data.decode()
+    bad = fault(alice.scheduler.workers.set_certificate, "worker9",
+                'metadata\ncurve\n    public-key = "%s"\n' % ("~" * 40))
+    assert bad.faultCode == 400

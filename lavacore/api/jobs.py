@@ -7,12 +7,12 @@ breath, a cancel reaches the worker immediately.
 """
 
 import collections
-import json
 import os
 import re
 
 from .. import jobs as submission
 from ..jobs import JobError
+from .. import logformat
 from ..logformat import parse_line
 from ..states import JobState
 from ..storage import NotFound
@@ -169,15 +169,6 @@ def results(master, job, suite=None, case=None):
 
 # -- logs -------------------------------------------------------------------------------
 
-# Characters YAML readers refuse or fold inside a quoted scalar: escaped so each entry
-# stays one valid line whatever the job printed.
-_UNSAFE = re.compile("[\x7f-\x84\x86-\x9f\ud800-\udfff\ufeff\ufffe\uffff\u2028\u2029]")
-
-
-def _escape(match):
-    return "\\u%04x" % ord(match.group(0))
-
-
 def entry(raw):
     """One output.yaml line -> the log entry (a dict with ``dt`` as text)."""
     line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -196,8 +187,7 @@ def dump_entries(entries):
     """Log entries as the YAML list LAVA returns: one JSON flow mapping per line."""
     lines = []
     for item in entries:
-        text = json.dumps(item, ensure_ascii=False, default=str)
-        lines.append("- " + _UNSAFE.sub(_escape, text) + "\n")
+        lines.append("- " + logformat.dumps(item) + "\n")
     return "".join(lines)
 
 

@@ -7,6 +7,7 @@ workers is tracked here (``seen``); the watchdog service marks silent ones Offli
 
 import os
 
+import gevent
 import zmq.green as zmq
 
 from .. import protocol
@@ -74,6 +75,9 @@ class Controller(Service):
                 except zmq.Again:
                     break
                 self.handle(frames)
+            # A green Poller returns at once while the socket stays readable: without this
+            # a busy socket would starve every other greenlet (the log service, the API).
+            gevent.idle()
 
     def handle(self, frames):
         hostname = protocol.peer_name(frames[0].bytes)
@@ -88,8 +92,8 @@ class Controller(Service):
             allowed = self.master.hook.authorize_worker(master=self.master, hostname=hostname,
                                                         public_key=public_key)
             if allowed is False or (allowed is None and self.master.auth_required):
-                self.log.warning("worker %s: refused %s: key %s is not allowed for this"
-                                 " hostname", hostname, message.action, public_key)
+                self.log.warning("worker %s: refused %s from key %s (refused by"
+                                 " authorize_worker)", hostname, message.action, public_key)
                 return
         try:
             self._handlers[message.action](hostname, *message.args,

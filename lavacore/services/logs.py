@@ -10,6 +10,7 @@ import collections
 import json
 import os
 
+import gevent
 import zmq.green as zmq
 
 from .. import logformat
@@ -23,13 +24,14 @@ MAX_LINE = 1024 * 1024
 
 
 class JobLog:
-    __slots__ = ("job_id", "path", "handle", "state")
+    __slots__ = ("job_id", "path", "handle", "state", "worker")
 
-    def __init__(self, job_id, path, state):
+    def __init__(self, job_id, path, state, worker=None):
         self.job_id = job_id
         self.path = path
         self.handle = None
         self.state = state
+        self.worker = worker
 
 
 class LogService(Service):
@@ -41,6 +43,7 @@ class LogService(Service):
         self.endpoint = None
         self._jobs = collections.OrderedDict()  # job id -> JobLog, least recently used first
         self._unknown_warned = set()
+        self._refused_warned = set()
         self.lines = 0
         # What could not be stored yet (database away): retried, never dropped.
         self._retry_lines = collections.defaultdict(list)
@@ -73,6 +76,9 @@ class LogService(Service):
         while not self.stopping.is_set():
             if poller.poll(500):
                 self.drain()
+                # The green Poller does not switch while the socket stays readable: yield,
+                # or a log flood would starve the controller (unanswered PINGs).
+                gevent.idle()
             elif self._retry_lines or self._retry_cases or self._retry_results:
                 self.process({})
 
@@ -82,12 +88,18 @@ class LogService(Service):
             return 0
         batch = collections.defaultdict(list)
         count = 0
+        # With an auth plugin on, each line keeps its sender's CURVE key (User-Id) until
+        # the job's worker is known, and is then checked like a controller message.
+        auth = self.master.auth_required
         while count < limit:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=not auth)
             except zmq.Again:
                 break
             count += 1
+            if auth:
+                key = _user_id(frames[0])
+                frames = [frame.bytes for frame in frames]
             if len(frames) != 2:
                 self.log.warning("dropped a log message with %d frames (expected 2)", len(frames))
                 continue
@@ -96,15 +108,16 @@ class LogService(Service):
             except ValueError:
                 self.log.warning("dropped a log line for job id %r", frames[0][:40])
                 continue
-            batch[job_id].append(frames[1])
+            batch[job_id].append((key, frames[1]) if auth else frames[1])
         if batch:
             self.process(batch)
         return count
 
     def flush(self, job_id):
-        """Take in every line already waiting on the socket (END may overtake them)."""
-        while self.drain():
-            pass
+        """Take in one batch of lines already waiting (END may overtake a job's last
+        lines). Bounded, so END never stalls the loop behind another job's flood; a result
+        still on its way is caught by the result_grace wait."""
+        self.drain()
         entry = self._jobs.get(job_id)
         if entry is not None and entry.handle is not None:
             entry.handle.flush()
@@ -124,7 +137,7 @@ class LogService(Service):
                 self.log.warning("dropped log lines for unknown job %d", job_id)
             return None
         path = os.path.join(job.output_dir(self.master.output_root), "output.yaml")
-        entry = JobLog(job_id, path, job.state)
+        entry = JobLog(job_id, path, job.state, job.worker)
         self._jobs[job_id] = entry
         while len(self._jobs) > OPEN_FILES:
             _, old = self._jobs.popitem(last=False)
@@ -152,8 +165,42 @@ class LogService(Service):
                 self._retry_lines[job_id].extend(lines)
                 continue
             if entry is not None:
+                if lines and isinstance(lines[0], tuple):
+                    lines = self._authorized(entry, lines)
                 self._take(entry, lines)
         self._store()
+
+    def _authorized(self, entry, keyed):
+        """The lines of ``keyed`` [(public key, line)] whose sender may speak for the
+        job's worker (authorize_worker, as for the controller's messages); the rest are
+        dropped with one warning per job and key."""
+        verdicts = {}
+        lines = []
+        dropped = collections.Counter()
+        for key, raw in keyed:
+            allowed = verdicts.get(key)
+            if allowed is None:
+                if entry.worker is None:
+                    allowed = False
+                else:
+                    answer = self.master.hook.authorize_worker(
+                        master=self.master, hostname=entry.worker, public_key=key)
+                    allowed = answer is True or (answer is None
+                                                 and not self.master.auth_required)
+                verdicts[key] = allowed
+            if allowed:
+                lines.append(raw)
+            else:
+                dropped[key] += 1
+        for key, count in dropped.items():
+            if (entry.job_id, key) not in self._refused_warned:
+                if len(self._refused_warned) > 10000:
+                    self._refused_warned.clear()
+                self._refused_warned.add((entry.job_id, key))
+                self.log.warning("[job %d] dropped %d log line(s) from key %s: not allowed to"
+                                 " speak for worker %s", entry.job_id, count, key,
+                                 entry.worker or "(none: the job has no worker)")
+        return lines
 
     def _take(self, entry, lines):
         chunks = []
@@ -228,3 +275,9 @@ class LogService(Service):
                         metadata=json.dumps(extra, default=str) if extra else None,
                         logged=self.master.clock.time())
 
+
+def _user_id(frame):
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return None
