@@ -16,11 +16,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lavacore import protocol  # noqa: E402
 from lavacore.worker import procs  # noqa: E402
-from lavacore.worker.jobtable import CANCELING, FINISHED, RUNNING  # noqa: E402
+from lavacore.worker.jobtable import CANCELING, FINISHED, RUNNING, JobTable  # noqa: E402
 from lavacore.worker.slave import Worker  # noqa: E402
-from workerutil import (FAST, PY, RUNNER, FakeMaster, description_of, job_yaml,  # noqa: E402
-                        process_gone, start_frames, start_worker, stop_process, table_rows,
-                        wait_for_file, wait_until)
+from workerutil import (FAST, PY, RUNNER, FakeMaster, description_of,  # noqa: E402
+                        fill_filesystem, job_yaml, process_gone, small_filesystem,
+                        start_frames, start_worker, stop_process, table_rows, wait_for_file,
+                        wait_until)
 
 HOST = "worker1"
 
@@ -200,6 +201,40 @@ def test_cancel_during_a_running_step(master, workers, tmp_path):
     master.expect("END", job_id=5)
     master.send(HOST, protocol.end_ok(5))
     wait_until(lambda: 5 not in table_rows(work), master=master, what="row removed")
+
+
+@pytest.mark.timeout(60)
+def test_end_goes_out_as_soon_as_the_runner_exits(master, workers, tmp_path):
+    # A job check period far longer than the test: only the child watcher can be quick.
+    work = tmp_path / "work"
+    flag = tmp_path / "go"
+    spawn(workers, master, work, extra=["--job-check", "60"])
+    master.connect(HOST)
+    master.send(HOST, start_frames(91, job_yaml(["echo up", wait_for_file(flag)])))
+    master.expect("START_OK", job_id=91)
+    master.wait_target(91, "up")
+    master.send(HOST, start_frames(92, job_yaml(["echo up; sleep 60"])))
+    master.expect("START_OK", job_id=92)
+    master.wait_target(92, "up")
+    flag.touch()
+    master.wait_job_result(91)
+    result_at = time.monotonic()
+    stamp, _, frames = master.expect("END", job_id=91, timeout=10)
+    assert stamp - result_at < 1.5
+    assert description_of(frames)["compatibility"] == 1
+    assert table_rows(work)[91][1] == FINISHED
+    sent = time.monotonic()
+    master.send(HOST, protocol.cancel(92))
+    stamp, _, frames = master.expect("END", job_id=92, timeout=10)
+    assert stamp - sent < 3
+    assert table_rows(work)[92][1] == CANCELING
+    # The prompt END is not doubled: the next ones wait for the (long) job check.
+    count = len(master.messages)
+    master.idle(0.5)
+    assert "END" not in master.actions(count)
+    master.send(HOST, protocol.end_ok(91))
+    master.send(HOST, protocol.end_ok(92))
+    wait_until(lambda: not table_rows(work), master=master, what="rows removed")
 
 
 @pytest.mark.timeout(60)
@@ -456,6 +491,32 @@ def test_default_runner_is_the_builtin_one(green_master, tmp_path):
         assert green_master.wait_job_result(81)["result"] == "pass"
     finally:
         worker.stop()
+
+
+def test_job_table_keeps_its_rows_while_the_disk_is_full(tmp_path):
+    with small_filesystem(tmp_path / "small") as mounted:
+        if not mounted:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        path = str(tmp_path / "small" / "db.sqlite3")
+        table = JobTable(path)
+        table.insert(1, 100, RUNNING, 1.0)
+        filler = fill_filesystem(tmp_path / "small")
+        for job_id in range(2, 60):  # enough rows to need a new page
+            table.insert(job_id, 1000 + job_id, RUNNING, 2.0, "p-")
+        table.update(1, FINISHED, 3.0)
+        table.delete(2)
+        assert table.error is not None and "full" in table.error
+        assert table.get(1) == (1, 100, FINISHED, 3.0, "")
+        assert table.get(2) is None and table.get(59).prefix == "p-"
+        assert [row.id for row in table.all()] == [1] + list(range(3, 60))
+        assert not table.flush()
+        os.unlink(filler)
+        assert table.flush() and table.error is None
+        table.close()
+        again = JobTable(path)
+        assert again.all() == [(1, 100, FINISHED, 3.0, "")] + [
+            (i, 1000 + i, RUNNING, 2.0, "p-") for i in range(3, 60)]
+        again.close()
 
 
 def test_constructor_checks_arguments(tmp_path):

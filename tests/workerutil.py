@@ -6,6 +6,7 @@ runners' log lines go), both bound to 127.0.0.1 with OS-chosen ports. Built on a
 ``zmq.green`` context it can wait inside the gevent loop of an in-process worker.
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -243,3 +244,35 @@ def description_of(frames):
     if not blob:
         return None
     return yaml.safe_load(protocol.decompress_description(blob))
+
+
+@contextlib.contextmanager
+def small_filesystem(path, size="1m"):
+    """A tiny filesystem mounted on ``path`` (a tmpfs; needs root), unmounted at exit.
+    Yields False (and mounts nothing) where mounting is not possible."""
+    os.makedirs(path, exist_ok=True)
+    done = None
+    if os.geteuid() == 0:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s" % size, "tmpfs",
+                               str(path)], capture_output=True, text=True)
+    if done is None or done.returncode != 0:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_filesystem(directory, name="filler"):
+    """Fill the filesystem of ``directory`` to the last byte; returns the filler's path."""
+    path = os.path.join(str(directory), name)
+    with open(path, "wb") as f:
+        chunk = b"\0" * 65536
+        try:
+            while True:
+                f.write(chunk)
+                f.flush()
+        except OSError:
+            pass
+    return path

@@ -53,8 +53,15 @@ def write_files(job_dir, definition, device, dispatcher, env_dut):
     if env_dut:
         files.append(("env.dut.yaml", env_dut))
     for name, text in files:
-        with open(os.path.join(job_dir, name), "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        path = os.path.join(job_dir, name)
+        try:
+            with open(path, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+        except OSError as exc:
+            # A failed write (a full disk) names no file: say which one it was.
+            if exc.filename is None:
+                raise OSError(exc.errno, exc.strerror, path) from None
+            raise
 
 
 def device_type(job_id, definition, device):

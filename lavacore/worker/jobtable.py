@@ -5,13 +5,21 @@ prefix)``. ``last_update`` is epoch seconds; it is stored as a REAL (lava-slave 
 seconds) so that sub-second intervals work. For a CANCELING row it is the time of the
 cancel, which the TERM-again and KILL deadlines count from.
 
+The rows live in memory and the file follows them. A write that fails (the work dir's disk
+is full, say: a job filled it) is logged and retried by ``flush()`` at the next job check,
+so a full disk fails the job that cannot start instead of killing the worker; only a
+worker restart before the file caught up would lose the rows written meanwhile.
+
 sqlite3 blocks the gevent hub while it runs; every statement here touches a handful of rows
 in a tiny file, so the stall is microseconds.
 """
 
 import collections
+import logging
 import os
 import sqlite3
+
+log = logging.getLogger("lavacore.worker")
 
 RUNNING = 0
 CANCELING = 1
@@ -32,39 +40,85 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
+class JobTableError(Exception):
+    """The job table cannot be opened; the text says which file and why."""
+
+
 class JobTable:
     def __init__(self, path):
         self.path = path
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        # isolation_level=None: each statement commits at once, so a worker killed right
-        # after a START leaves the row of the runner it started.
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10)
-        self._db.execute(_SCHEMA)
+        self.error = None    # why the file is behind the rows in memory, or None
+        self._dirty = set()  # ids whose row in the file is stale (or should be gone)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            # isolation_level=None: statements commit at once unless a BEGIN is open, so a
+            # worker killed right after a START leaves the row of the runner it started.
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=10)
+            self._db.execute(_SCHEMA)
+            cur = self._db.execute(
+                "SELECT id, pid, status, last_update, prefix FROM jobs ORDER BY id")
+            self._rows = {row[0]: Row(*row) for row in cur.fetchall()}
+        except (OSError, sqlite3.Error) as exc:
+            raise JobTableError("cannot open the job table %s: %s" % (path, exc)) from None
 
     def close(self):
         if self._db is not None:
+            self.flush()
             self._db.close()
             self._db = None
 
     def get(self, job_id):
-        cur = self._db.execute(
-            "SELECT id, pid, status, last_update, prefix FROM jobs WHERE id = ?", (job_id,))
-        row = cur.fetchone()
-        return Row(*row) if row else None
+        return self._rows.get(job_id)
 
     def all(self):
-        cur = self._db.execute(
-            "SELECT id, pid, status, last_update, prefix FROM jobs ORDER BY id")
-        return [Row(*row) for row in cur.fetchall()]
+        return [self._rows[job_id] for job_id in sorted(self._rows)]
 
     def insert(self, job_id, pid, status, now, prefix=""):
-        self._db.execute(
-            "INSERT OR REPLACE INTO jobs (id, pid, status, last_update, prefix)"
-            " VALUES (?, ?, ?, ?, ?)", (job_id, pid, status, now, prefix))
+        self._rows[job_id] = Row(job_id, pid, status, now, prefix)
+        self._changed(job_id)
 
     def update(self, job_id, status, now):
-        self._db.execute("UPDATE jobs SET status = ?, last_update = ? WHERE id = ?",
-                         (status, now, job_id))
+        row = self._rows.get(job_id)
+        if row is not None:
+            self._rows[job_id] = row._replace(status=status, last_update=now)
+            self._changed(job_id)
 
     def delete(self, job_id):
-        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        if self._rows.pop(job_id, None) is not None:
+            self._changed(job_id)
+
+    def _changed(self, job_id):
+        self._dirty.add(job_id)
+        self.flush()
+
+    def flush(self):
+        """Bring the file up to date with the rows; False (and logged) if it cannot."""
+        if not self._dirty or self._db is None:
+            return True
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for job_id in sorted(self._dirty):
+                    row = self._rows.get(job_id)
+                    if row is None:
+                        self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+                    else:
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO jobs (id, pid, status, last_update,"
+                            " prefix) VALUES (?, ?, ?, ?, ?)", tuple(row))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if self.error is None:
+                log.error("job table %s: cannot write (%s): rows kept in memory, written "
+                          "when it works again", self.path, exc)
+            self.error = str(exc)
+            return False
+        if self.error is not None:
+            log.info("job table %s: written again", self.path)
+            self.error = None
+        self._dirty.clear()
+        return True

@@ -5,6 +5,12 @@ poll, handle what the master sent, PING when due, check the jobs. The job table 
 sqlite in the work dir, so a restarted worker keeps tracking the runners it started (they
 run in their own sessions and outlive it).
 
+A runner this process started is watched with gevent's child watcher (libev's SIGCHLD
+handling): its exit wakes the loop, which sends END at once, so a job's end costs
+milliseconds instead of up to one job check. The job check stays the fallback, as in
+lava-slave: it notices runners adopted from a previous worker process (not our children),
+resends END until END_OK and escalates cancels.
+
 The class is usable on its own (``lavacore worker``) and inside the master's gevent loop
 (``[local_worker]``): the constructor only checks its arguments; ``start()`` spawns the
 greenlet, ``stop()`` ends it (graceful, idempotent) and ``run()`` is the loop itself.
@@ -37,7 +43,7 @@ import zmq.green as zmq
 from .. import protocol
 from . import environ, jobdir, procs
 from .jobdir import DEFAULT_RUNNER
-from .jobtable import CANCELING, FINISHED, RUNNING, STATUS_NAMES, JobTable
+from .jobtable import CANCELING, FINISHED, RUNNING, STATUS_NAMES, JobTable, JobTableError
 
 log = logging.getLogger("lavacore.worker")
 
@@ -131,6 +137,8 @@ class Worker:
         self._procs = {}            # job id -> Popen of runners this process started
         self._spawn_errors = {}     # job id -> why its runner could not start
         self._crash_logged = set()  # job ids whose missing description.yaml was logged
+        self._exited = []           # job ids whose runner (our child) exited, not handled yet
+        self._end_sent = {}         # job id -> monotonic time of the last END sent
         self._stopping = False
         self._running = False
         self._loop_greenlet = None
@@ -160,11 +168,7 @@ class Worker:
         if self.greenlet is None and not self._running:
             return
         self._stopping = True
-        if self._wake_tx is not None:
-            try:
-                self._wake_tx.send(b"", zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass  # a wake-up is already pending
+        self._wake()
         if gevent.getcurrent() is self._loop_greenlet:
             return
         if self.greenlet is not None:
@@ -174,6 +178,14 @@ class Worker:
 
     def join(self, timeout=None):
         return self._done.wait(timeout)
+
+    def _wake(self):
+        """Make the loop's poll return now. Never blocks, so it may run in the hub."""
+        if self._wake_tx is not None:
+            try:
+                self._wake_tx.send(b"", zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass  # a wake-up is already pending (or the loop is closing)
 
     def run(self):
         """The worker loop; returns once ``stop()`` was called."""
@@ -195,6 +207,7 @@ class Worker:
                 self._poll(wait)
                 if self._stopping:
                     break
+                self._handle_exits()
                 self._ping()
                 self._watch_master()
                 if time.monotonic() >= next_check:
@@ -212,17 +225,23 @@ class Worker:
             log.info("worker %s stopped", self.hostname)
 
     def _open(self):
-        os.makedirs(self.tmp_dir, exist_ok=True)
-        # Two workers sharing one job table would fight over the same runners.
-        self._lock_fd = os.open(os.path.join(self.work_dir, "worker.lock"),
-                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            os.makedirs(self.tmp_dir, exist_ok=True)
+            # Two workers sharing one job table would fight over the same runners.
+            self._lock_fd = os.open(os.path.join(self.work_dir, "worker.lock"),
+                                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise WorkerError("work dir %s: %s" % (self.work_dir, exc.strerror or exc)) from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise WorkerError("work dir %s is in use by another worker" % self.work_dir) from None
-        self.table = JobTable(os.path.join(self.work_dir, "db.sqlite3"))
+        try:
+            self.table = JobTable(os.path.join(self.work_dir, "db.sqlite3"))
+        except JobTableError as exc:
+            raise WorkerError(str(exc)) from None
         if self.context is None:
             self._own_context = zmq.Context()
         ctx = self.context or self._own_context
@@ -487,6 +506,7 @@ class Worker:
             return
         self._procs[job_id] = proc
         self.table.insert(job_id, proc.pid, RUNNING, self.clock(), prefix)
+        proc.rawlink(functools.partial(self._child_exited, job_id))
         self._send(protocol.start_ok(job_id))
         log.info("job %d: runner started (pid %d) in %s: %s", job_id, proc.pid, job_dir,
                  " ".join(shlex.quote(a) for a in argv))
@@ -543,12 +563,39 @@ class Worker:
         shutil.rmtree(self._job_dir(row.prefix, job_id), ignore_errors=True)
         self._spawn_errors.pop(job_id, None)
         self._crash_logged.discard(job_id)
+        self._end_sent.pop(job_id, None)
         log.info("job %d: END_OK: job forgotten, its directory removed", job_id)
 
     # -- jobs -----------------------------------------------------------------------------
 
+    def _child_exited(self, job_id, proc):
+        # A child watcher's callback, run in the hub: it may not block, and the socket
+        # belongs to the loop greenlet, so only note the job and wake the loop.
+        if not self._running or self._stopping:
+            return  # the next worker on this work dir finds the row at its first check
+        self._exited.append(job_id)
+        self._wake()
+
+    def _handle_exits(self):
+        """END at once for the jobs whose runner (a child of ours) just exited."""
+        while self._exited:
+            job_id = self._exited.pop(0)
+            row = self.table.get(job_id)
+            rc = self._reap(job_id)
+            if row is None or row.status == FINISHED:
+                continue  # already reported (a CANCEL or a job check got there first)
+            ended = "" if rc is None else " (exit code %d)" % rc
+            if row.status == RUNNING:
+                self.table.update(job_id, FINISHED, self.clock())
+                log.info("job %d: runner ended%s: END sent", job_id, ended)
+            else:
+                # Stays CANCELING, as lava-slave does: the job check resends END.
+                log.info("job %d: canceled runner ended%s: END sent", job_id, ended)
+            self._send_end(job_id, row.prefix)
+
     def check_jobs(self):
         """lava-slave's periodic job check (spec 4.5)."""
+        self.table.flush()  # catch up on writes a full disk refused
         now = self.clock()
         for row in self.table.all():
             if row.status == FINISHED:
@@ -566,8 +613,11 @@ class Worker:
             elif row.status == CANCELING:
                 if not self._alive(row):
                     self._reap(row.id)
-                    # Stays CANCELING, as lava-slave does: END repeats until END_OK.
-                    self._send_end(row.id, row.prefix, again=True)
+                    # Stays CANCELING, as lava-slave does: END repeats until END_OK (not
+                    # twice within one period when the exit itself already sent it).
+                    sent = self._end_sent.get(row.id)
+                    if sent is None or time.monotonic() - sent >= 0.9 * self.job_check:
+                        self._send_end(row.id, row.prefix, again=True)
                     continue
                 elapsed = now - row.last_update
                 if elapsed >= self.cancel_kill:
@@ -608,6 +658,7 @@ class Worker:
                 log.warning("job %d: no description.yaml: the runner crashed or never ran",
                             job_id)
         self._send(protocol.end(job_id, errors, description))
+        self._end_sent[job_id] = time.monotonic()
         if again:
             log.debug("job %d: END sent again", job_id)
 
