@@ -431,35 +431,13 @@ def build_parser():
 
     devices = sub.add_parser("devices", help="list and show devices, set their health")
     dsub = devices.add_subparsers(dest="devices_command", required=True)
-    p = dsub.add_parser("list")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_devices_list)
-    p = dsub.add_parser("show", help="a device with its health history")
-    p.add_argument("hostname")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_devices_show)
-    p = dsub.add_parser("set-health", help="Good|Unknown|Looping|Bad|Maintenance|Retired")
-    p.add_argument("hostname")
-    p.add_argument("health")
-    p.add_argument("--reason", default="")
-    p.add_argument("--user", default=os.environ.get("USER", ""))
-    p.set_defaults(func=cmd_devices_set_health)
+    _list_show_health(dsub, cmd_devices_list, cmd_devices_show, cmd_devices_set_health,
+                      "Good|Unknown|Looping|Bad|Maintenance|Retired")
 
     workers = sub.add_parser("workers", help="list and show workers, set their health")
     wsub = workers.add_subparsers(dest="workers_command", required=True)
-    p = wsub.add_parser("list")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_workers_list)
-    p = wsub.add_parser("show")
-    p.add_argument("hostname")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_workers_show)
-    p = wsub.add_parser("set-health", help="Active|Maintenance|Retired (cascades to devices)")
-    p.add_argument("hostname")
-    p.add_argument("health")
-    p.add_argument("--reason", default="")
-    p.add_argument("--user", default=os.environ.get("USER", ""))
-    p.set_defaults(func=cmd_workers_set_health)
+    _list_show_health(wsub, cmd_workers_list, cmd_workers_show, cmd_workers_set_health,
+                      "Active|Maintenance|Retired (cascades to devices)")
 
     p = wsub.add_parser("allow", help="allow a worker's CURVE public key ([auth_curve])")
     p.add_argument("hostname")
@@ -489,6 +467,23 @@ def build_parser():
     p = bsub.add_parser("migrate")
     p.set_defaults(func=cmd_db_migrate)
     return parser
+
+
+def _list_show_health(sub, list_func, show_func, health_func, healths):
+    """list, show and set-health: the same three commands for devices and workers."""
+    p = sub.add_parser("list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=list_func)
+    p = sub.add_parser("show", help="with its health history")
+    p.add_argument("hostname")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=show_func)
+    p = sub.add_parser("set-health", help=healths)
+    p.add_argument("hostname")
+    p.add_argument("health")
+    p.add_argument("--reason", default="")
+    p.add_argument("--user", default=os.environ.get("USER", ""))
+    p.set_defaults(func=health_func)
 
 
 def _setup_logging(level):

@@ -220,3 +220,20 @@ def test_sighup_reloads_device_dictionaries_without_restart(tmp_path, master_pro
     finally:
         worker.close()
         context.term()
+
+
+def test_port_in_use_is_a_one_line_error(tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    try:
+        config_path = write_config(tmp_path, master={"listen": "tcp://127.0.0.1:%d" % port})
+        done = run_cli(config_path, "master")
+        assert done.returncode == 1
+        assert "[master] listen: cannot bind tcp://127.0.0.1:%d" % port in done.stderr
+        assert "Traceback" not in done.stderr
+    finally:
+        busy.close()

@@ -4,6 +4,9 @@ import logging
 
 import gevent
 import gevent.event
+import zmq.green as zmq
+
+from ..config import ConfigError
 
 
 class Service:
@@ -44,6 +47,22 @@ class Service:
                 self.greenlet is not gevent.getcurrent():
             self.greenlet.kill(block=True, timeout=timeout)
         self.teardown()
+
+    def bind(self, kind, role, key, address, options, what):
+        """A socket of ``kind`` with ``options``, offered to the ``secure_socket`` hook,
+        bound to ``address`` (from config ``key``); returns (socket, bound endpoint)."""
+        sock = self.master.context.socket(kind)
+        for option, value in options.items():
+            sock.setsockopt(option, value)
+        self.master.hook.secure_socket(master=self.master, role=role, socket=sock)
+        try:
+            sock.bind(address)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ConfigError("%s: cannot bind %s: %s" % (key, address, exc)) from None
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.log.info("%s on %s", what, endpoint)
+        return sock, endpoint
 
     def wait(self, timeout):
         """Sleep for ``timeout`` seconds unless the service is stopped first."""

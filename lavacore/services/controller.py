@@ -42,18 +42,11 @@ class Controller(Service):
         }
 
     def setup(self):
-        sock = self.master.context.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.IDENTITY, protocol.MASTER_IDENTITY)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        sock.setsockopt(zmq.BACKLOG, 1024)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        self.master.hook.secure_socket(master=self.master, role="controller", socket=sock)
-        sock.bind(self.master.config.master.listen)
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.socket = sock
-        self.log.info("listening for workers on %s", self.endpoint)
+        self.socket, self.endpoint = self.bind(
+            zmq.ROUTER, "controller", "[master] listen", self.master.config.master.listen,
+            {zmq.IDENTITY: protocol.MASTER_IDENTITY, zmq.ROUTER_HANDOVER: 1,
+             zmq.BACKLOG: 1024, zmq.LINGER: 0, zmq.RCVHWM: 0, zmq.SNDHWM: 0},
+            "listening for workers")
 
     def teardown(self):
         if self.socket is not None:

@@ -35,14 +35,9 @@ class EventService(Service):
 
     def setup(self):
         config = self.master.config.master
-        sock = self.master.context.socket(zmq.PUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 100000)
-        self.master.hook.secure_socket(master=self.master, role="events", socket=sock)
-        sock.bind(config.events)
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.socket = sock
-        self.log.info("publishing events on %s", self.endpoint)
+        self.socket, self.endpoint = self.bind(
+            zmq.PUB, "events", "[master] events", config.events,
+            {zmq.LINGER: 0, zmq.SNDHWM: 100000}, "publishing events")
         if config.event_url:
             sub = self.master.context.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)

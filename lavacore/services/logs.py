@@ -51,15 +51,10 @@ class LogService(Service):
         self._retry_results = []
 
     def setup(self):
-        sock = self.master.context.socket(zmq.PULL)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, 100000)
-        sock.setsockopt(zmq.BACKLOG, 1024)
-        self.master.hook.secure_socket(master=self.master, role="logs", socket=sock)
-        sock.bind(self.master.config.master.logs)
-        self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.socket = sock
-        self.log.info("listening for job logs on %s", self.endpoint)
+        self.socket, self.endpoint = self.bind(
+            zmq.PULL, "logs", "[master] logs", self.master.config.master.logs,
+            {zmq.LINGER: 0, zmq.RCVHWM: 100000, zmq.BACKLOG: 1024},
+            "listening for job logs")
 
     def teardown(self):
         for entry in self._jobs.values():
