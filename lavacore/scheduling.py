@@ -1,6 +1,8 @@
 """What a scheduler plugin sees during one pass, and the checks the core makes on what it
 decides. The policy itself lives in plugins (``schedule`` hook)."""
 
+import heapq
+import json
 import random
 
 from .states import SCHEDULABLE_HEALTH
@@ -41,6 +43,32 @@ class SchedulingView:
     def devices(self, device_type):
         return list(self._by_type.get(device_type, ()))
 
+    def candidates(self, device_type, devices=None):
+        """The queued jobs of ``device_type`` that fit at least one of ``devices`` (by
+        default, this pass's available ones), in queue order. Jobs whose tags no device
+        carries are never read, so a long queue of unplaceable jobs costs nothing."""
+        devices = self.devices(device_type) if devices is None else devices
+        carried = [frozenset(d.tags) for d in devices]
+        streams = []
+        for text in self.storage.queued_tag_sets(device_type):
+            wanted = set(json.loads(text) if text else ())
+            fitting = sum(1 for tags in carried if wanted <= tags)
+            if fitting:
+                # A pass places at most one job per fitting device: read about that many.
+                streams.append(self._tagged(device_type, text, fitting))
+        return heapq.merge(*streams, key=queue_rank)
+
+    def _tagged(self, device_type, tags, page):
+        offset = 0
+        while True:
+            jobs = self.storage.queued_jobs_tagged(device_type, tags, limit=page,
+                                                   offset=offset)
+            yield from jobs
+            if len(jobs) < page:
+                return
+            offset += page
+            page = min(page * 2, PAGE)
+
     def jobs(self, device_type):
         offset = 0
         while True:
@@ -49,6 +77,11 @@ class SchedulingView:
             if len(page) < PAGE:
                 return
             offset += PAGE
+
+
+def queue_rank(job):
+    """LAVA's queue order (spec 9.2): priority, submit time, group, id."""
+    return (-job.priority, job.submit_time or 0, job.target_group or "", job.id)
 
 
 def job_fits(job, device):

@@ -11,6 +11,7 @@ and tags as JSON arrays), so the same statements work on both engines.
 """
 
 import contextlib
+import functools
 import json
 
 import gevent.lock
@@ -18,7 +19,7 @@ import gevent.lock
 from .models import Device, DeviceType, Job, TestCase, Worker
 from .states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StorageError(Exception):
@@ -34,7 +35,9 @@ def _tags_out(tags):
     return json.dumps(sorted(set(tags or ())))
 
 
+@functools.lru_cache(maxsize=4096)
 def _tags_in(text):
+    # A lab has few distinct tag sets; rows are decoded by the thousand per pass.
     return tuple(json.loads(text)) if text else ()
 
 
@@ -84,6 +87,7 @@ class Table:
         self.key = key
         self.names = tuple(columns)
         self.select = "SELECT %s FROM %s" % (", ".join(self.names), name)
+        self._decoders = tuple((column, columns[column][1]) for column in self.names)
 
     def encode(self, column, value):
         if column not in self.columns:
@@ -92,14 +96,16 @@ class Table:
         return value if value is None or convert is None else convert(value)
 
     def decode(self, row):
-        values = {}
-        for column, value in zip(self.names, row):
-            convert = self.columns[column][1]
-            values[column] = value if value is None or convert is None else convert(value)
-        return self.model(**values)
+        return self.model(**{column: value if value is None or convert is None
+                             else convert(value)
+                             for (column, convert), value in zip(self._decoders, row)})
 
 
 JOBS = Table("jobs", Job, JOB_COLUMNS, "id")
+# What a scheduler needs of a queued job: no definition texts, which are most of a row.
+QUEUED_JOBS = Table("jobs", Job, {c: JOB_COLUMNS[c] for c in (
+    "id", "state", "submitter", "requested_device_type", "tags", "priority", "submit_time",
+    "health_check", "target_group", "sub_id")}, "id")
 DEVICES = Table("devices", Device, DEVICE_COLUMNS, "hostname")
 WORKERS = Table("workers", Worker, WORKER_COLUMNS, "hostname")
 DEVICE_TYPES = Table("device_types", DeviceType, DEVICE_TYPE_COLUMNS, "name")
@@ -349,13 +355,14 @@ class SQLStorage:
 
     def queued_jobs(self, device_type, limit=None, offset=0):
         """Submitted jobs for ``device_type`` in LAVA's order (spec 9.2): priority first,
-        then submit time, then group and id."""
-        statement = ("%s WHERE state = ? AND requested_device_type = ? AND actual_device IS NULL"
-                     " ORDER BY priority DESC, submit_time, target_group, id" % JOBS.select)
+        then submit time, then group and id. Records without their definition texts."""
+        statement = ("%s WHERE state = ? AND requested_device_type = ?"
+                     " ORDER BY priority DESC, submit_time, target_group, id"
+                     % QUEUED_JOBS.select)
         if limit is not None:
             statement += " LIMIT %d OFFSET %d" % (int(limit), int(offset))
         rows = self._all(statement, (int(JobState.SUBMITTED), device_type))
-        return [JOBS.decode(row) for row in rows]
+        return [QUEUED_JOBS.decode(row) for row in rows]
 
     def jobs_awaiting_result(self):
         """Unfinished jobs whose END came with a description, waiting for their result."""
@@ -364,16 +371,32 @@ class SQLStorage:
         return [JOBS.decode(row) for row in rows]
 
     def queued_group_jobs(self):
-        """Submitted members of multinode groups, in queue order."""
+        """Submitted members of multinode groups, in queue order (without definitions)."""
         rows = self._all("%s WHERE state = ? AND target_group != ''"
-                         " ORDER BY priority DESC, submit_time, id" % JOBS.select,
+                         " ORDER BY priority DESC, submit_time, id" % QUEUED_JOBS.select,
                          (int(JobState.SUBMITTED),))
-        return [JOBS.decode(row) for row in rows]
+        return [QUEUED_JOBS.decode(row) for row in rows]
 
     def count_jobs_started_since(self, hostname, since):
         """Normal (not health-check) jobs started on ``hostname`` at or after ``since``."""
         return self._one("SELECT COUNT(*) FROM jobs WHERE actual_device = ? AND"
                          " health_check = 0 AND start_time >= ?", (hostname, since))[0]
+
+    def queued_tag_sets(self, device_type):
+        """The distinct tag sets (JSON text) of the jobs queued for ``device_type``."""
+        # (A Submitted job never has a device: no need to test actual_device, which
+        # would cost a table lookup per row instead of reading the index alone.)
+        rows = self._all("SELECT DISTINCT tags FROM jobs WHERE state = ? AND"
+                         " requested_device_type = ?", (int(JobState.SUBMITTED), device_type))
+        return [row[0] for row in rows]
+
+    def queued_jobs_tagged(self, device_type, tags, limit, offset=0):
+        """Like queued_jobs, only the jobs whose tag set is exactly ``tags`` (JSON text)."""
+        rows = self._all("%s WHERE state = ? AND requested_device_type = ? AND tags = ?"
+                         " ORDER BY priority DESC, submit_time, target_group, id"
+                         " LIMIT %d OFFSET %d" % (QUEUED_JOBS.select, int(limit), int(offset)),
+                         (int(JobState.SUBMITTED), device_type, tags))
+        return [QUEUED_JOBS.decode(row) for row in rows]
 
     def queued_device_types(self):
         rows = self._all("SELECT DISTINCT requested_device_type FROM jobs WHERE state = ?"
@@ -493,6 +516,9 @@ DDL = [
         sub_id TEXT NOT NULL DEFAULT '', infrastructure_error INTEGER NOT NULL DEFAULT 0,
         result TEXT, error_type TEXT, error_msg TEXT, end_seen {REAL})""",
     "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, requested_device_type, priority)",
+    # Schema 2: the scheduler reads each queued tag set of a type separately.
+    "CREATE INDEX IF NOT EXISTS jobs_queue_tags ON jobs"
+    " (state, requested_device_type, tags, priority, submit_time, id)",
     "CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker, state)",
     "CREATE INDEX IF NOT EXISTS jobs_group ON jobs (target_group)",
     """CREATE TABLE IF NOT EXISTS testcases (

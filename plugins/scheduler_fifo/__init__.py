@@ -20,7 +20,7 @@ def fifo(queue, skip_groups=True):
         free = sorted(queue.devices(device_type), key=lambda d: len(d.tags))
         if not free:
             continue
-        for job in queue.jobs(device_type):
+        for job in queue.candidates(device_type, free):
             if not free:
                 break
             if skip_groups and job.target_group:
