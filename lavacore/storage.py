@@ -356,7 +356,7 @@ class SQLStorage:
     def queued_jobs(self, device_type, limit=None, offset=0):
         """Submitted jobs for ``device_type`` in LAVA's order (spec 9.2): priority first,
         then submit time, then group and id. Records without their definition texts."""
-        statement = ("%s WHERE state = ? AND requested_device_type = ?"
+        statement = ("%s WHERE state = ? AND requested_device_type = ? AND actual_device IS NULL"
                      " ORDER BY priority DESC, submit_time, target_group, id"
                      % QUEUED_JOBS.select)
         if limit is not None:
