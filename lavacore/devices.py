@@ -85,9 +85,11 @@ class DeviceTemplates:
 
     def environment(self):
         if self._env is None:
+            # cache_size=-1: a lab has more devices than jinja2's default 400 templates,
+            # and recompiling a dictionary at every START costs more than keeping it.
             self._env = jinja2.Environment(loader=jinja2.FunctionLoader(self._source),
                                            trim_blocks=True, autoescape=False,
-                                           undefined=jinja2.Undefined)
+                                           undefined=jinja2.Undefined, cache_size=-1)
         return self._env
 
     def reload(self):

@@ -32,6 +32,7 @@ class Controller(Service):
         # hostname -> monotonic time of its last valid message. Starts empty: a worker
         # first heard from after a master start gets STATUS for its running jobs.
         self.seen = {}
+        self.curve = False
         self._written = {}
         self._handlers = {
             protocol.HELLO: self.on_hello,
@@ -47,6 +48,7 @@ class Controller(Service):
             {zmq.IDENTITY: protocol.MASTER_IDENTITY, zmq.ROUTER_HANDOVER: 1,
              zmq.BACKLOG: 1024, zmq.LINGER: 0, zmq.RCVHWM: 0, zmq.SNDHWM: 0},
             "listening for workers")
+        self.curve = bool(self.socket.getsockopt(zmq.CURVE_SERVER))
 
     def teardown(self):
         if self.socket is not None:
@@ -62,22 +64,27 @@ class Controller(Service):
         while not self.stopping.is_set():
             if not poller.poll(500):
                 continue
+            # Frame objects (copy=False) only under CURVE, to read each message's key.
+            copy = not self.curve
             for _ in range(DRAIN):
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=copy)
                 except zmq.Again:
                     break
-                self.handle(frames)
+                if copy:
+                    self.handle(frames)
+                else:
+                    self.handle([f.bytes for f in frames], _user_id(frames[0]))
             # A green Poller returns at once while the socket stays readable: without this
             # a busy socket would starve every other greenlet (the log service, the API).
             gevent.idle()
 
-    def handle(self, frames):
-        hostname = protocol.peer_name(frames[0].bytes)
-        public_key = _user_id(frames[0])
+    def handle(self, frames, public_key=None):
+        """One message: ``frames`` as bytes, the peer's CURVE key (z85) if encrypted."""
+        hostname = protocol.peer_name(frames[0])
         try:
-            protocol.check_hostname(frames[0].bytes.decode("utf-8", "replace"))
-            message = protocol.decode_from_worker([f.bytes for f in frames[1:]])
+            protocol.check_hostname(frames[0].decode("utf-8", "replace"))
+            message = protocol.decode_from_worker(frames[1:])
         except protocol.ProtocolError as exc:
             self.log.warning("worker %s: dropped a malformed message: %s", hostname, exc)
             return

@@ -11,6 +11,7 @@ import json
 import os
 
 import gevent
+import gevent.lock
 import zmq.green as zmq
 
 from .. import logformat
@@ -49,11 +50,12 @@ class LogService(Service):
         self._retry_lines = collections.defaultdict(list)
         self._retry_cases = []
         self._retry_results = []
+        self._lock = gevent.lock.RLock()
 
     def setup(self):
         self.socket, self.endpoint = self.bind(
             zmq.PULL, "logs", "[master] logs", self.master.config.master.logs,
-            {zmq.LINGER: 0, zmq.RCVHWM: 100000, zmq.BACKLOG: 1024},
+            {zmq.LINGER: 0, zmq.RCVHWM: 5000, zmq.BACKLOG: 1024},
             "listening for job logs")
 
     def teardown(self):
@@ -75,10 +77,16 @@ class LogService(Service):
                 # or a log flood would starve the controller (unanswered PINGs).
                 gevent.idle()
             elif self._retry_lines or self._retry_cases or self._retry_results:
-                self.process({})
+                with self._lock:
+                    self.process({})
 
     def drain(self, limit=BATCH):
-        """Read what is waiting (at most ``limit`` messages) and process it as one batch."""
+        """Read what is waiting (at most ``limit`` messages) and process it as one batch.
+        One greenlet at a time (the service loop, or END's flush)."""
+        with self._lock:
+            return self._drain(limit)
+
+    def _drain(self, limit):
         if self.socket is None:
             return 0
         batch = collections.defaultdict(list)
@@ -218,15 +226,23 @@ class LogService(Service):
         self._write(entry, "".join(chunks))
 
     def _store(self):
-        """Store test cases, then act on job results; on a database error keep both."""
+        """Store test cases, then act on job results; on a database error keep both.
+
+        The lists are taken before any storage call: on PostgreSQL a call yields, and
+        another greenlet (END's flush) may store meanwhile."""
+        cases, self._retry_cases = self._retry_cases, []
+        results, self._retry_results = self._retry_results, []
+        done = 0
         try:
-            if self._retry_cases:
-                self.master.storage.add_testcases(self._retry_cases)
-                self._retry_cases = []
-            while self._retry_results:
-                self.master.job_result(self._retry_results[0])
-                self._retry_results.pop(0)
+            if cases:
+                self.master.storage.add_testcases(cases)
+                cases = []
+            for case in results:
+                self.master.job_result(case)
+                done += 1
         except StorageError as exc:
+            self._retry_cases = cases + self._retry_cases
+            self._retry_results = results[done:] + self._retry_results
             self.log.error("%d test case(s) and %d job result(s) kept for later: %s",
                            len(self._retry_cases), len(self._retry_results), exc)
 
