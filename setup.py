@@ -9,6 +9,7 @@ from setuptools import find_packages, setup
 PLUGINS = [
     "scheduler_fifo",
     "storage_sqlite",
+    "storage_postgres",
     "multinode",
     "auth_curve",
 ]

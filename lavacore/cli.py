@@ -60,8 +60,6 @@ def _table(rows, columns):
 # -- commands ---------------------------------------------------------------------------
 
 def cmd_master(args):
-    from gevent import monkey  # noqa: F401  (explicit green APIs are used; no patching)
-
     from . import config as config_mod
     from .master import Master
 
@@ -379,9 +377,51 @@ def cmd_workers_revoke(args, session):
     return 0
 
 
-def cmd_db_migrate(args, session):
-    print("schema version %d" % session.storage.schema_version())
-    return 0
+def _open_unmigrated(config_path):
+    """Config, plugins and the storage opened as it is (db check must see an old schema)."""
+    from . import config as config_mod
+    from . import plugins
+
+    config = config_mod.load(config_path)
+    pm = plugins.build(config)
+    pm.hook.configure(config=config, master=None)
+    storage = pm.hook.storage(config=config)
+    if storage is None:
+        raise UserError("[storage] backend: no storage plugin named %r is installed"
+                        % config.storage.backend)
+    return config, pm, storage.open()
+
+
+def cmd_db(args):
+    from . import dbtools
+
+    config, pm, storage = _open_unmigrated(args.config)
+    try:
+        if args.db_command == "migrate":
+            old, new = dbtools.db_migrate(storage)
+            print("schema version %d -> %d" % (old, new) if old != new
+                  else "schema version %d, up to date" % new)
+            return 0
+        if args.db_command == "check":
+            problems = dbtools.db_check(storage)
+            for problem in problems:
+                print(problem, file=sys.stderr)
+            if problems:
+                return 1
+            print("ok")
+            return 0
+        dbtools.db_migrate(storage)
+        target = dbtools.open_storage_url(config, pm, args.to,
+                                          {"schema": args.schema} if args.schema else None)
+        try:
+            counts = dbtools.db_copy(storage, target)
+        finally:
+            target.close()
+        for table, rows in counts.items():
+            print("%-14s %d" % (table, rows))
+        return 0
+    finally:
+        storage.close()
 
 
 # -- parsing ----------------------------------------------------------------------------
@@ -453,7 +493,7 @@ def build_parser():
     p.add_argument("name")
     p.add_argument("--dir", default=".")
     p.add_argument("--force", action="store_true", help="overwrite an existing pair")
-    p.set_defaults(func=cmd_certs_create, needs_config=False)
+    p.set_defaults(func=cmd_certs_create, standalone=True)
 
     tokens = sub.add_parser("tokens", help="API tokens")
     tsub = tokens.add_subparsers(dest="tokens_command", required=True)
@@ -462,10 +502,16 @@ def build_parser():
     p.add_argument("--description", default="")
     p.set_defaults(func=cmd_tokens_create)
 
-    db = sub.add_parser("db", help="database schema")
+    db = sub.add_parser("db", help="database schema and moves")
     bsub = db.add_subparsers(dest="db_command", required=True)
-    p = bsub.add_parser("migrate")
-    p.set_defaults(func=cmd_db_migrate)
+    p = bsub.add_parser("migrate", help="create or upgrade the schema")
+    p.set_defaults(func=cmd_db, standalone=True)
+    p = bsub.add_parser("check", help="schema and records consistent? (exit 1 if not)")
+    p.set_defaults(func=cmd_db, standalone=True)
+    p = bsub.add_parser("copy", help="copy this lab's database to another (empty) one")
+    p.add_argument("--to", required=True, help="postgresql://... or a SQLite file path")
+    p.add_argument("--schema", default="", help="PostgreSQL schema of the target")
+    p.set_defaults(func=cmd_db, standalone=True)
     return parser
 
 
@@ -508,7 +554,7 @@ def main(argv=None):
         if args.command in (None, "master"):
             return cmd_master(args)
         _setup_logging("WARNING")
-        if not getattr(args, "needs_config", True):
+        if getattr(args, "standalone", False):
             return args.func(args)
         session = Session(args.config)
         try:

@@ -71,7 +71,7 @@ class Master:
         self.hook.configure(config=self.config, master=self)
         if self.storage is None:
             self.storage = open_storage(self.config, self.pm)
-        self.storage.acquire_leadership(self._stopped)
+        self.storage.acquire_leadership(self._stopped, on_lost=self._leadership_lost)
         if self._stopped.is_set():
             self._done.set()
             return self
@@ -109,6 +109,12 @@ class Master:
         log.info("master started (storage %s, scheduler %s, %d services)",
                  self.storage.name, self.config.scheduler.plugin, len(self.services))
         return self
+
+    def _leadership_lost(self):
+        # Another master holds the database now: two must never schedule at once.
+        log.critical("lost the active-master lock on the database; stopping")
+        self.exit_code = 1
+        gevent.spawn(self.stop)
 
     def _service_died(self, greenlet):
         # Crash-only: a bug in a service stops the master with a clear line and exit 1.
@@ -237,10 +243,11 @@ class Master:
             if data.get("state") == "Idle" and data.get("health") in ("Good", "Unknown",
                                                                        "Looping"):
                 self.scheduler.wake()
-        elif kind in ("worker", "reload"):
+        elif kind in ("worker", "reload", "resync"):
+            # resync: the notification channel reconnected and may have missed changes.
             if kind == "reload":
                 self.templates.reload()
-            self.scheduler.wake()
+            self.scheduler.wake(full=kind == "resync")
 
     def notified(self, payload):
         """A change made by another process (see Storage.publish_event)."""
@@ -273,15 +280,19 @@ class Master:
                 return []
             placed = health.plan(self, view)
             if view.device_types():
-                for job_id, hostname in self.hook.schedule(master=self, queue=view) or []:
-                    result = self.flow.schedule(job_id, hostname)
-                    if result is None:
-                        log.warning("[job %s] the scheduler placed it on %s, which is not"
-                                    " possible now; skipped", job_id, hostname)
-                        continue
-                    log.info("[job %d] Scheduled on %s (worker %s)", job_id, hostname,
-                             result[1].worker)
-                    placed.append(result)
+                assignments = self.hook.schedule(master=self, queue=view) or []
+                # One transaction: a multinode group is never seen half claimed, even on a
+                # database whose calls yield to other greenlets and processes.
+                with self.storage.transaction():
+                    for job_id, hostname in assignments:
+                        result = self.flow.schedule(job_id, hostname)
+                        if result is None:
+                            log.warning("[job %s] the scheduler placed it on %s, which is"
+                                        " not possible now; skipped", job_id, hostname)
+                            continue
+                        log.info("[job %d] Scheduled on %s (worker %s)", job_id, hostname,
+                                 result[1].worker)
+                        placed.append(result)
             for job, device in placed:
                 self.start_job(job, device)
             return [job.id for job, _ in placed]
@@ -304,6 +315,10 @@ class Master:
             messages = self.hook.start_job(master=self, job=job, device=device)
         except devices.JobSetupError as exc:
             self.fail_job_setup(job, str(exc))
+            return
+        except StorageError as exc:  # the database, not the job: START is resent later
+            log.error("[job %d] START not sent now: %s; resent by the next full pass",
+                      job.id, exc)
             return
         except Exception as exc:  # a plugin bug must not leave the job Scheduled forever
             log.exception("[job %d] preparing START failed", job.id)
@@ -422,8 +437,17 @@ class Master:
 
     def _result_overdue(self, job_id):
         self._result_timers.pop(job_id, None)
-        self.logs.flush(job_id)
-        job = self.storage.get_job(job_id)
+        try:
+            self.logs.flush(job_id)
+            if self.logs.pending(job_id):
+                # Its lines or result wait for the database: not overdue, only unstored.
+                self.watch_result(job_id)
+                return
+            job = self.storage.get_job(job_id)
+        except StorageError as exc:
+            log.error("[job %d] cannot settle its result now: %s", job_id, exc)
+            self.watch_result(job_id)
+            return
         if job.state == JobState.FINISHED:
             return
         if job.result is not None:

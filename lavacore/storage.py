@@ -372,7 +372,8 @@ class SQLStorage:
 
     def queued_group_jobs(self):
         """Submitted members of multinode groups, in queue order (without definitions)."""
-        rows = self._all("%s WHERE state = ? AND target_group != ''"
+        # "> ''" rather than "!= ''": the target_group index then skips single jobs.
+        rows = self._all("%s WHERE target_group > '' AND state = ?"
                          " ORDER BY priority DESC, submit_time, id" % QUEUED_JOBS.select,
                          (int(JobState.SUBMITTED),))
         return [QUEUED_JOBS.decode(row) for row in rows]
@@ -471,9 +472,11 @@ class SQLStorage:
 
     # -- one active master per database ------------------------------------------------
 
-    def acquire_leadership(self, stopping):
-        """Block (cooperatively) until this process may be the active master, or until
-        the gevent Event ``stopping`` is set. No-op for backends with one process."""
+    def acquire_leadership(self, stopping, on_lost=None):
+        """Block (cooperatively) until this process may be the active master (True), or
+        until the gevent Event ``stopping`` is set (False). ``on_lost()`` is called if the
+        leadership is lost later. Backends with one process: True at once."""
+        return True
 
     # -- cross-process notifications ------------------------------------------------------
 

@@ -148,6 +148,12 @@ class LogService(Service):
                 old.handle.close()
         return entry
 
+    def pending(self, job_id):
+        """True if lines, test cases or the result of ``job_id`` wait for the database."""
+        return (job_id in self._retry_lines
+                or any(c.job_id == job_id for c in self._retry_cases)
+                or any(c.job_id == job_id for c in self._retry_results))
+
     def forget(self, job_id):
         entry = self._jobs.pop(job_id, None)
         if entry is not None and entry.handle is not None:

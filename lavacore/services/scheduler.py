@@ -17,10 +17,14 @@ class SchedulerService(Service):
     def __init__(self, master):
         super().__init__(master)
         self._wake = gevent.event.Event()
+        self._full = False
         self.passes = 0
         self.full_passes = 0
 
-    def wake(self):
+    def wake(self, full=False):
+        """Run a pass now; ``full`` also resends START/CANCEL as the periodic pass does."""
+        if full:
+            self._full = True
         self._wake.set()
 
     def run(self):
@@ -31,7 +35,8 @@ class SchedulerService(Service):
         next_full = clock.monotonic()
         while not self.stopping.is_set():
             now = clock.monotonic()
-            if now >= next_full:
+            if now >= next_full or self._full:
+                self._full = False
                 self._wake.clear()
                 master.full_pass()
                 self.full_passes += 1
