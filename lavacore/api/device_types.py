@@ -15,11 +15,8 @@ DENOMINATORS = ("hours", "jobs")
 
 
 def find(master, name):
-    name = validate.name(name, "device type")
-    try:
-        return master.storage.get_device_type(name)
-    except NotFound:
-        raise not_found("Device-type '%s' was not found." % name) from None
+    return validate.existing(master.storage.get_device_type, name, "device type",
+                             "Device-type")
 
 
 def _templates_dir(master):

@@ -16,11 +16,7 @@ from .errors import bad_request, conflict, not_found
 
 
 def find(master, hostname):
-    hostname = validate.name(hostname, "hostname")
-    try:
-        return master.storage.get_device(hostname)
-    except NotFound:
-        raise not_found("Device '%s' was not found." % hostname) from None
+    return validate.existing(master.storage.get_device, hostname, "hostname", "Device")
 
 
 def listing(master, show_all=False, **filters):
@@ -32,21 +28,12 @@ def listing(master, show_all=False, **filters):
 
 
 def _device_type(master, name):
-    name = validate.name(name, "device type")
-    try:
-        master.storage.get_device_type(name)
-    except NotFound:
-        raise not_found("DeviceType '%s' was not found." % name) from None
-    return name
+    return validate.existing(master.storage.get_device_type, name, "device type",
+                             "DeviceType").name
 
 
 def _worker(master, name):
-    name = validate.name(name, "worker")
-    try:
-        master.storage.get_worker(name)
-    except NotFound:
-        raise not_found("Worker '%s' was not found." % name) from None
-    return name
+    return validate.existing(master.storage.get_worker, name, "worker", "Worker").hostname
 
 
 def _tags(values):

@@ -10,7 +10,8 @@ import re
 import xmlrpc.client
 
 from ..protocol import HOSTNAME_RE, MAX_HOSTNAME
-from .errors import bad_request
+from ..storage import NotFound
+from .errors import bad_request, not_found
 
 MAX_TEXT = 8 * 1024 * 1024
 _JOB_ID_RE = re.compile(r"^(\d{1,18})(?:\.(\d{1,6}))?$")
@@ -20,6 +21,16 @@ MAX_JOB_ID = 2 ** 63 - 1
 def _show(value, limit=40):
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def existing(getter, value, what, label):
+    """``getter(name)`` for a valid name; a 404 naming it (``label`` as LAVA spells the
+    kind: Device, DeviceType, Worker) when there is none."""
+    value = name(value, what)
+    try:
+        return getter(value)
+    except NotFound:
+        raise not_found("%s '%s' was not found." % (label, value)) from None
 
 
 def name(value, what="name"):

@@ -27,11 +27,7 @@ _PUBLIC_KEY = re.compile(r'^\s*public-key\s*=\s*"[\x21-\x7e]{40}"\s*$', re.MULTI
 
 
 def find(master, hostname):
-    hostname = validate.name(hostname, "worker")
-    try:
-        return master.storage.get_worker(hostname)
-    except NotFound:
-        raise not_found("Worker '%s' was not found." % hostname) from None
+    return validate.existing(master.storage.get_worker, hostname, "worker", "Worker")
 
 
 def listing(master, show_all=False, **filters):
