@@ -78,7 +78,8 @@ def on_hello(master, hostname, version, retry):
 
     ``version`` is the worker's own software version if it sent one (2020.04+ slaves
     do), else None. Called by the controller greenlet after HELLO_OK was sent; may block
-    briefly. Results are ignored.
+    briefly. Results are ignored. The worker's Online state and a first-seen worker's
+    record reach storage at the end of the controller's current batch of messages.
     """
 
 

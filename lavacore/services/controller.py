@@ -34,6 +34,7 @@ class Controller(Service):
         self.seen = {}
         self.curve = False
         self._written = {}
+        self._dirty = {}  # hostname -> first message since start, to store (flush_alive)
         self._handlers = {
             protocol.HELLO: self.on_hello,
             protocol.HELLO_RETRY: self.on_hello,
@@ -75,6 +76,7 @@ class Controller(Service):
                     self.handle(frames)
                 else:
                     self.handle([f.bytes for f in frames], _user_id(frames[0]))
+            self.flush_alive()
             # A green Poller returns at once while the socket stays readable: without this
             # a busy socket would starve every other greenlet (the log service, the API).
             gevent.idle()
@@ -118,26 +120,46 @@ class Controller(Service):
 
     def alive(self, hostname, greeting=False):
         """A valid message came from ``hostname``: it is Online. A worker not heard from
-        since this master started (and not greeting) gets STATUS for its jobs."""
+        since this master started (and not greeting) gets STATUS for its jobs. The
+        database learns it at the end of the batch (``flush_alive``)."""
         master = self.master
         now = master.clock.monotonic()
         first = hostname not in self.seen
-        went_online = False
         if first or now - self._written.get(hostname, 0) >= LAST_PING_EVERY:
-            # last_ping is kept to the nearest few seconds in the database, so a PING
-            # costs no write; state changes are always written at once.
-            went_online = self._store_alive(hostname, first)
+            # last_ping is kept to the nearest few seconds in the database; state changes
+            # are written with the batch they arrive in.
+            self._dirty[hostname] = first or self._dirty.get(hostname, False)
             self._written[hostname] = now
-        # Only once the database knows it is Online: until then every message retries.
         self.seen[hostname] = now
-        if went_online:
-            master.worker_online(hostname)
         if first and not greeting:
             self.log.info("worker %s: first message since the master started; asking the"
                           " status of its jobs", hostname)
             for job in master.storage.list_jobs(worker=hostname,
                                                 state=[JobState.RUNNING, JobState.CANCELING]):
                 self.send(hostname, protocol.status(job.id))
+
+    def flush_alive(self):
+        """Write the liveness of every worker heard from in this batch, in one
+        transaction (a storm of 10,000 greetings costs a few commits, not 10,000)."""
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, {}
+        online = []
+        try:
+            with self.master.storage.transaction():
+                for hostname, first in dirty.items():
+                    if self._store_alive(hostname, first):
+                        online.append(hostname)
+        except StorageError as exc:
+            # Not stored: these workers count as unheard, so their next message retries.
+            for hostname in dirty:
+                self.seen.pop(hostname, None)
+                self._written.pop(hostname, None)
+            self.log.error("liveness of %d worker(s) not stored, retried at their next"
+                           " message: %s", len(dirty), exc)
+            return
+        for hostname in online:
+            self.master.worker_online(hostname)
 
     def _store_alive(self, hostname, first):
         master = self.master
