@@ -7,6 +7,9 @@ Counted client-side: jobs whose END_OK came back, over the time from the first S
 the last END_OK; every job must end Finished/Complete in the database.
 """
 
+import os
+import shutil
+import tempfile
 import time
 
 from .harness import (BenchError, MasterProcess, SimProcess, Workspace, add_devices, cleanup,
@@ -60,6 +63,9 @@ def run(backend, size, ctx):
         lag = time.monotonic() - t_done
         finished = storage.count_jobs(state=JobState.FINISHED)
         complete = storage.count_jobs(state=JobState.FINISHED, health=JobHealth.COMPLETE)
+        master.stop()
+        per_job = entries_per_job(ws.output_root, size["jobs"])
+        creates = creation_rate(ws.dir)
     if complete != size["jobs"]:
         raise BenchError("%d of %d jobs Finished, %d Complete" % (finished, size["jobs"],
                                                                  complete))
@@ -76,4 +82,31 @@ def run(backend, size, ctx):
                 note="%d jobs in %.2f s (first START to last END_OK); middle 80%%: %.0f/s; "
                      "master CPU %.0f%% of one core, RSS %.0f MB; all Finished/Complete "
                      "in the database %.2f s after the last END_OK"
-                     % (size["jobs"], seconds, steady, 100 * cpu / seconds, rss, lag))]
+                     % (size["jobs"], seconds, steady, 100 * cpu / seconds, rss, lag)),
+            row(NUMBER, "file creations/s in the workspace, after the run", backend,
+                round(creates), "files/s",
+                note="reference, same run: the disk's own limit on jobs/s is this divided "
+                     "by the %.1f files and directories the master created per job (the "
+                     "job files are written by threads, so the loop does not wait for "
+                     "them; END_OK waits for description.yaml)" % per_job)]
+
+
+def entries_per_job(root, jobs):
+    """Files and directories under the job output tree, per job."""
+    count = 0
+    for _, dirnames, filenames in os.walk(root):
+        count += len(dirnames) + len(filenames)
+    return count / float(jobs)
+
+
+def creation_rate(directory, files=1000):
+    """Small files created and written per second in ``directory`` (as the master does)."""
+    scratch = tempfile.mkdtemp(prefix="creates-", dir=directory)
+    try:
+        start = time.perf_counter()
+        for i in range(files):
+            with open(os.path.join(scratch, "f%d.yaml" % i), "w") as handle:
+                handle.write("x" * 200)
+        return files / (time.perf_counter() - start)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -16,6 +16,7 @@ from . import devices, health, plugins, protocol
 from .clock import Clock
 from .config import ConfigError
 from .flow import Flow
+from .jobfiles import JobFiles
 from .models import DeviceType, TestCase, Worker
 from .scheduling import SchedulingView
 from .services.controller import Controller
@@ -58,6 +59,7 @@ class Master:
         self._result_timers = {}
         self.health_check_cache = {}  # job id -> finished health-check Job (lavacore/health.py)
         self.local_worker = None
+        self.files = None
 
     @property
     def hook(self):
@@ -75,6 +77,7 @@ class Master:
         if self._stopped.is_set():
             self._done.set()
             return self
+        self.files = JobFiles(self.output_root)
         self.templates = devices.DeviceTemplates(
             self.config.resolve(self.config.master.dispatcher_config), self.storage)
         self.context = zmq.Context()
@@ -138,6 +141,8 @@ class Master:
                 service.stop()
             except Exception:
                 log.exception("stopping service %s failed", service.name)
+        if self.files is not None:
+            self.files.close()
         if self.context is not None:
             # Closes whatever a plugin left open instead of waiting for it forever.
             self.context.destroy(linger=0)
@@ -325,19 +330,10 @@ class Master:
             self.fail_job_setup(job, "%s: %s" % (type(exc).__name__, exc))
             return
         for message in messages or ():
-            self._write_start_files(message)
+            # Kept for resends and the API (jobs.configuration), written off the loop.
+            owner = job if message.job_id == job.id else self.storage.get_job(message.job_id)
+            self.files.write_start(owner, message.files())
             self.send_start(message)
-
-    def _write_start_files(self, message):
-        job = self.storage.get_job(message.job_id)
-        output = job.output_dir(self.output_root)
-        try:
-            os.makedirs(output, exist_ok=True)
-            for name, text in message.files().items():
-                with open(os.path.join(output, name), "w", encoding="utf-8") as handle:
-                    handle.write(text or "")
-        except OSError as exc:
-            log.error("[job %d] cannot save its START files in %s: %s", job.id, output, exc)
 
     def send_start(self, message):
         if message.worker not in self.controller.seen:
@@ -359,16 +355,7 @@ class Master:
         for job in self.storage.list_jobs(state=JobState.SCHEDULED, worker=worker):
             if job.worker not in self.controller.seen:
                 continue
-            output = job.output_dir(self.output_root)
-            texts = []
-            for name in ("job.yaml", "device.yaml", "dispatcher.yaml", "env.yaml",
-                         "env.dut.yaml"):
-                try:
-                    with open(os.path.join(output, name), encoding="utf-8") as handle:
-                        texts.append(handle.read())
-                except OSError:
-                    texts = None
-                    break
+            texts = self.files.start_texts(job)
             if texts is None:
                 device = self.storage.get_device(job.actual_device) if job.actual_device \
                     else None

@@ -18,6 +18,7 @@ class ScriptedWorker:
         self.sock.setsockopt(zmq.CONNECT_RID, protocol.MASTER_IDENTITY)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(url)
+        self.held = []
         self.push = None
         if logs_url:
             self.push = context.socket(zmq.PUSH)
@@ -29,15 +30,26 @@ class ScriptedWorker:
             f if isinstance(f, bytes) else str(f).encode() for f in frames])
 
     def recv(self, timeout=5.0):
-        """The next message from the master as a list of frames (without 'master')."""
+        """The next message from the master as a list of frames (without 'master'); first
+        those an ``expect`` held back."""
+        if self.held:
+            return self.held.pop(0)
         with gevent.Timeout(timeout, AssertionError("%s: nothing from the master within %ss"
                                                     % (self.hostname, timeout))):
             frames = self.sock.recv_multipart()
         assert frames[0] == protocol.MASTER_IDENTITY
         return frames[1:]
 
-    def expect(self, action, timeout=5.0, skip=(b"PONG", b"HELLO_OK")):
-        """Wait for ``action``, skipping the listed routine messages."""
+    def expect(self, action, timeout=5.0, skip=(b"PONG", b"HELLO_OK"), hold=None):
+        """Wait for ``action``, skipping the listed routine messages; messages for which
+        ``hold(frames)`` is true are kept for the next ``recv``/``expect``."""
+        held = []
+        try:
+            return self._expect(action, timeout, skip, hold, held)
+        finally:
+            self.held[:0] = held
+
+    def _expect(self, action, timeout, skip, hold, held):
         deadline = gevent.get_hub().loop.now() + timeout
         while True:
             remaining = deadline - gevent.get_hub().loop.now()
@@ -46,7 +58,9 @@ class ScriptedWorker:
             frames = self.recv(remaining)
             if frames[0] == action.encode():
                 return frames
-            if frames[0] not in skip:
+            if hold is not None and hold(frames):
+                held.append(frames)
+            elif frames[0] not in skip:
                 raise AssertionError("%s: expected %s, got %r" % (self.hostname, action,
                                                                    frames[:2]))
 

@@ -105,6 +105,7 @@ class CurveWorker(ScriptedWorker):
         self.sock.setsockopt(zmq.LINGER, 0)
         curve(self.sock)
         self.sock.connect(url)
+        self.held = []
         self.push = None
         if logs_url:
             self.push = context.socket(zmq.PUSH)

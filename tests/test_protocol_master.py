@@ -78,9 +78,43 @@ def test_submit_starts_job_on_idle_device_at_once(lab):
     job = lab.job(job_id)
     assert job.state == JobState.SCHEDULED and job.actual_device == "qemu01"
     assert lab.storage.get_device("qemu01").state == DeviceState.RESERVED
+    # The files START was built from are kept; the worker files only when not empty, as
+    # LAVA does (this lab has an env.yaml only).
+    assert lab.master.files.flush(5)
     out = job.output_dir(lab.master.output_root)
-    for name in ("job.yaml", "device.yaml", "dispatcher.yaml", "env.yaml", "env.dut.yaml"):
-        assert os.path.exists(os.path.join(out, name)), name
+    names = ("job.yaml", "device.yaml", "dispatcher.yaml", "env.yaml", "env.dut.yaml")
+    assert [bool(f) for f in frames[2:]] == [True, True, False, True, False]
+    for name, sent in zip(names, frames[2:]):
+        path = os.path.join(out, name)
+        assert os.path.exists(path) == bool(sent), name
+        if sent:
+            with open(path) as handle:
+                assert handle.read().encode() == sent, name
+
+
+def test_a_blocking_disk_does_not_stall_the_master(lab):
+    """The job files are written by a thread: while a write hangs (here a FIFO nobody
+    reads yet stands where device.yaml goes), PINGs are answered, START goes out and the
+    API's jobs.configuration answers from what is queued."""
+    lab = lab()
+    job_id = lab.submit()  # no worker yet: it waits in the queue
+    out = lab.job(job_id).output_dir(lab.master.output_root)
+    os.makedirs(out)
+    os.mkfifo(os.path.join(out, "device.yaml"))
+    worker = lab.worker()
+    frames = worker.expect("START", timeout=5)
+    worker.send("PING")
+    worker.expect("PONG")
+    from lavacore.api.jobs import configuration
+    texts = configuration(lab.master, lab.job(job_id))
+    assert texts[0].encode() == frames[2] and texts[1].encode() == frames[3]
+    assert not os.path.exists(os.path.join(out, "job.yaml"))  # written after device.yaml
+    assert not lab.master.files.flush(0.2)
+    with open(os.path.join(out, "device.yaml")) as fifo:  # the disk answers
+        assert fifo.read().encode() == frames[3]
+    assert lab.master.files.flush(5)
+    with open(os.path.join(out, "job.yaml")) as handle:
+        assert handle.read().encode() == frames[2]
 
 
 def test_full_lifecycle_complete(lab):
@@ -109,6 +143,7 @@ def test_full_lifecycle_complete(lab):
     with open(os.path.join(out, "output.yaml")) as handle:
         logged = yaml.safe_load(handle)
     assert logged[0]["msg"] == "hello"
+    assert lab.master.files.flush(5)
     assert os.path.exists(os.path.join(out, "description.yaml"))
     # A duplicate END is acknowledged and changes nothing.
     worker.end(job_id)
@@ -354,5 +389,6 @@ def test_description_file_is_lzma_decoded(lab):
     worker.send("END", job_id, "", lzma.compress(b"compatibility: 7\n"))
     worker.expect("END_OK")
     out = lab.job(job_id).output_dir(lab.master.output_root)
+    assert lab.master.files.flush(5)
     with open(os.path.join(out, "description.yaml")) as handle:
         assert yaml.safe_load(handle) == {"compatibility": 7}

@@ -99,15 +99,7 @@ def configuration(master, job):
     for a file it did not get); 404 before it was started."""
     if job.state < JobState.SCHEDULED and job.state != JobState.FINISHED:
         raise not_found("Job '%s' has not started yet" % job.id)
-    output = job.output_dir(master.output_root)
-    texts = []
-    for name in CONFIG_FILES:
-        try:
-            with open(os.path.join(output, name), encoding="utf-8", errors="replace") as f:
-                texts.append(f.read())
-        except OSError:
-            texts.append(None)
-    return texts
+    return [master.files.read(job, name) for name in CONFIG_FILES]
 
 
 def listing(master, state=None, health=None, offset=0, limit=25, since=None,

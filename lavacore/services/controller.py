@@ -5,7 +5,6 @@ peer sent that does not decode is logged with the peer's name and dropped. The l
 workers is tracked here (``seen``); the watchdog service marks silent ones Offline.
 """
 
-import os
 
 import gevent
 import zmq.green as zmq
@@ -231,30 +230,32 @@ class Controller(Service):
             self.send(hostname, protocol.end_ok(job_id))
             return
         self.alive(hostname)
-        if job is not False and job.state != JobState.FINISHED and job.end_seen is None:
-            self.end_job(hostname, job, errors, description)
-        self.send(hostname, protocol.end_ok(job_id))
-
-    def end_job(self, hostname, job, errors, description):
-        master = self.master
         text = ""
-        if description:
+        if job is not False and description:
             try:
                 text = protocol.decompress_description(description)
             except protocol.ProtocolError as exc:
-                self.log.warning("[job %d] worker %s: %s", job.id, hostname, exc)
+                self.log.warning("[job %d] worker %s: %s", job_id, hostname, exc)
                 description = b""
+        if job is not False and job.state != JobState.FINISHED and job.end_seen is None:
+            self.end_job(hostname, job, errors, description, text)
+        elif job is False or not text or \
+                self.master.files.read(job, "description.yaml") is not None:
+            self.send(hostname, protocol.end_ok(job_id))
+            return
+        if not text:
+            self.send(hostname, protocol.end_ok(job_id))
+            return
+        # END_OK once description.yaml is written (off the loop): a master killed before
+        # that gets the END again from the worker, and writes it then.
+        self.master.files.write(job, {"description.yaml": text},
+                                then=lambda: self.send(hostname, protocol.end_ok(job_id)))
+
+    def end_job(self, hostname, job, errors, description, text):
+        """Finish ``job`` from its END (``text``: the description, decompressed)."""
+        master = self.master
         master.hook.on_end(master=master, hostname=hostname, job=job, errors=errors,
                            description=text)
-        output = job.output_dir(master.output_root)
-        if description:
-            try:
-                os.makedirs(output, exist_ok=True)
-                with open(os.path.join(output, "description.yaml"), "w",
-                          encoding="utf-8") as handle:
-                    handle.write(text)
-            except OSError as exc:
-                self.log.error("[job %d] cannot write description.yaml: %s", job.id, exc)
         comment = _tail(errors) or None
         if not description:
             # The runner left no description: it crashed or was killed (spec 4.6).

@@ -15,6 +15,7 @@ import gevent.lock
 import zmq.green as zmq
 
 from .. import logformat
+from ..jobfiles import open_append
 from ..models import TestCase
 from ..storage import NotFound, StorageError
 from .base import Service
@@ -25,7 +26,7 @@ MAX_LINE = 1024 * 1024
 
 
 class JobLog:
-    __slots__ = ("job_id", "path", "handle", "state", "worker")
+    __slots__ = ("job_id", "path", "handle", "state", "worker", "backlog", "opening")
 
     def __init__(self, job_id, path, state, worker=None):
         self.job_id = job_id
@@ -33,6 +34,8 @@ class JobLog:
         self.handle = None
         self.state = state
         self.worker = worker
+        self.backlog = []      # text that arrived while the file was being opened
+        self.opening = False
 
 
 class LogService(Service):
@@ -122,7 +125,21 @@ class LogService(Service):
         still on its way is caught by the result_grace wait."""
         self.drain()
         entry = self._jobs.get(job_id)
-        if entry is not None and entry.handle is not None:
+        if entry is None:
+            return
+        if entry.handle is None and entry.backlog:
+            # The job is about to finish and its file is still being opened by the thread:
+            # open it here, so its log is whole when it is Finished (START had the file
+            # created ahead, so this rarely waits for the disk).
+            try:
+                entry.handle = open_append(entry.path)
+            except OSError as exc:
+                self.log.error("[job %d] cannot write %s: %s", job_id, entry.path, exc)
+                entry.backlog = []
+                return
+            text, entry.backlog = "".join(entry.backlog), []
+            self._append(entry, entry.handle, text)
+        if entry.handle is not None:
             entry.handle.flush()
 
     # -- processing ---------------------------------------------------------------------
@@ -255,12 +272,33 @@ class LogService(Service):
     def _write(self, entry, text):
         if not text:
             return
+        if entry.handle is None:
+            # Creating the file (and its directories) may wait for the disk: a thread does
+            # it (lavacore/jobfiles.py) and the text waits here meanwhile, in order.
+            entry.backlog.append(text)
+            if not entry.opening:
+                entry.opening = True
+                self.master.files.open_log(
+                    entry.path, lambda handle, error: self._opened(entry, handle, error))
+            return
+        self._append(entry, entry.handle, text)
+
+    def _opened(self, entry, handle, error):
+        entry.opening = False
+        text, entry.backlog = "".join(entry.backlog), []
+        if error is not None:
+            self.log.error("[job %d] cannot write %s: %s", entry.job_id, entry.path, error)
+            return
+        self._append(entry, handle, text)
+        if self._jobs.get(entry.job_id) is entry and entry.handle is None:
+            entry.handle = handle
+        else:  # forgotten, evicted or opened by flush meanwhile
+            handle.close()
+
+    def _append(self, entry, handle, text):
         try:
-            if entry.handle is None:
-                os.makedirs(os.path.dirname(entry.path), exist_ok=True)
-                entry.handle = open(entry.path, "a", encoding="utf-8")
-            entry.handle.write(text)
-            entry.handle.flush()
+            handle.write(text)
+            handle.flush()
         except OSError as exc:
             self.log.error("[job %d] cannot write %s: %s", entry.job_id, entry.path, exc)
 

@@ -1,0 +1,205 @@
+"""The files the master keeps in each job's output directory (START's job.yaml,
+device.yaml and worker files, END's description.yaml, the log's output.yaml), created by
+native threads instead of the loop.
+
+Creating a file blocks: on a slow or busy disk (measured at 0.5-5 ms per file on the
+project's machines; NFS in some labs) a master creating several files per job on its one
+loop stops answering PINGs, taking log lines and acknowledging ENDs meanwhile. Here the
+loop only queues the work: one thread writes START's and END's files in order (reads made
+before it got there are answered from the queue), another opens the log files, which the
+log service then appends to. Appending to an open file does not wait for the disk.
+
+The threads do no logging (the logging module's locks are not for use across a hub and a
+native thread): what they did, or failed to do, is handed back to the loop.
+"""
+
+import collections
+import logging
+import os
+
+import gevent
+import gevent.threadpool
+
+log = logging.getLogger("lavacore.jobfiles")
+
+# START's files; the optional ones are written only when not empty (LAVA-1129, spec 5.5
+# step 3) and read back as "" when absent. job.yaml is written last: when it exists, the
+# others were written before it.
+START_FILES = ("device.yaml", "dispatcher.yaml", "env.yaml", "env.dut.yaml", "job.yaml")
+OPTIONAL = frozenset(("dispatcher.yaml", "env.yaml", "env.dut.yaml"))
+LOG_FILE = "output.yaml"
+
+
+class FileThread:
+    """Calls made in order by one native thread; each call's ``then(result, error)`` runs
+    afterwards in the loop (in a greenlet). ``error`` is the OSError the call raised."""
+
+    def __init__(self, name):
+        self.name = name
+        self._queue = collections.deque()   # (fn, args, then), appended by the loop
+        self._done = collections.deque()    # (then, result, error), appended by the thread
+        self._pool = gevent.threadpool.ThreadPool(1)
+        self._task = None
+        self.calls = 0
+
+    def __len__(self):
+        return len(self._queue)
+
+    def call(self, fn, args, then=None):
+        self._queue.append((fn, args, then))
+        self._start()
+
+    def _start(self):
+        if self._task is None and self._queue:
+            self._task = self._pool.spawn(self._run)
+            # Link callbacks run in the hub, which must not block: hand over to a greenlet.
+            self._task.rawlink(lambda task: gevent.spawn(self._finished, task))
+
+    def flush(self, timeout=None):
+        """Wait until every queued call ran and its ``then`` too; False on timeout."""
+        with gevent.Timeout(timeout, False):
+            while self._queue or self._task is not None or self._done:
+                task = self._task
+                if task is not None:
+                    task.wait()
+                self._finished(task)
+            return True
+        return False
+
+    def close(self, timeout):
+        done = self.flush(timeout)
+        if not done:
+            log.error("%s: %d file operation(s) not done within %ss of stopping", self.name,
+                      len(self._queue), timeout)
+        self._pool.kill()
+        return done
+
+    def _run(self):
+        """In the thread: run calls until the queue is empty."""
+        while True:
+            try:
+                fn, args, then = self._queue.popleft()
+            except IndexError:
+                return
+            try:
+                self._done.append((then, fn(*args), None))
+            except OSError as exc:
+                self._done.append((then, None, exc))
+
+    def _finished(self, task):
+        """In the loop: the thread emptied the queue (or is still at it: ``flush``)."""
+        if task is not None and task is self._task and task.ready():
+            self._task = None
+            if not task.successful():
+                log.error("%s: the file thread failed: %r", self.name, task.exception)
+        while self._done:
+            then, result, error = self._done.popleft()
+            self.calls += 1
+            if then is not None:
+                try:
+                    then(result, error)
+                except Exception:
+                    log.exception("%s: handling a finished file operation failed", self.name)
+        self._start()  # what was queued after the thread found the queue empty
+
+
+class JobFiles:
+    def __init__(self, root):
+        self.root = root
+        self._pending = {}   # directory -> {name: text} queued, not yet written
+        self.writer = FileThread("job files")
+        self.opener = FileThread("log files")
+
+    def directory(self, job):
+        return job.output_dir(self.root)
+
+    def write(self, job, files, then=None):
+        """Queue ``files`` ({name: text}) for ``job``'s directory; returns at once.
+        ``then()`` runs in the loop once they are written (or failed, logged)."""
+        directory = self.directory(job)
+        pending = self._pending.setdefault(directory, {})
+        for name, text in files.items():
+            text = text or ""
+            if name in OPTIONAL and not text:
+                continue
+            pending[name] = text
+            self.writer.call(_write_file, (directory, name, text),
+                             lambda result, error, d=directory, n=name, t=text:
+                             self._written(d, n, t, error))
+        if not pending:
+            del self._pending[directory]
+        if then is not None:
+            self.writer.call(_nothing, (), lambda result, error: then())
+
+    def write_start(self, job, message_files):
+        """START's files, in the order that makes job.yaml the proof of a complete set;
+        and the job's output.yaml created ahead of its first log line (never truncated),
+        so that opening it later does not wait for the disk."""
+        self.write(job, {name: message_files.get(name) for name in START_FILES})
+        self.opener.call(_touch, (os.path.join(self.directory(job), LOG_FILE),))
+
+    def open_log(self, path, then):
+        """Open ``path`` for appending (directories made as needed) in the log thread;
+        ``then(handle, error)`` in the loop."""
+        self.opener.call(open_append, (path,), then)
+
+    def read(self, job, name):
+        """The text of ``name`` for ``job`` (queued or on disk); None when it has none."""
+        directory = self.directory(job)
+        pending = self._pending.get(directory)
+        if pending and name in pending:
+            return pending[name]
+        try:
+            with open(os.path.join(directory, name), encoding="utf-8",
+                      errors="replace") as handle:
+                return handle.read()
+        except OSError:
+            return None
+
+    def start_texts(self, job):
+        """START's five texts as first sent, or None when job.yaml is not there (the
+        START must then be built again)."""
+        texts = {name: self.read(job, name) for name in START_FILES}
+        if not texts["job.yaml"] or texts["device.yaml"] is None:
+            return None
+        return [texts[name] or "" for name in
+                ("job.yaml", "device.yaml", "dispatcher.yaml", "env.yaml", "env.dut.yaml")]
+
+    def flush(self, timeout=None):
+        """Wait until everything queued is done; False on timeout."""
+        with gevent.Timeout(timeout, False):
+            return self.writer.flush() and self.opener.flush()
+        return False
+
+    def close(self, timeout=10):
+        self.writer.close(timeout)
+        self.opener.close(timeout)
+
+    def _written(self, directory, name, text, error):
+        pending = self._pending.get(directory)
+        if pending is not None and pending.get(name) is text:
+            del pending[name]
+            if not pending:
+                del self._pending[directory]
+        if error is not None:
+            log.error("[job %s] cannot write %s in %s: %s", os.path.basename(directory),
+                      name, directory, error)
+
+
+def _write_file(directory, name, text):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def open_append(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return open(path, "a", encoding="utf-8")
+
+
+def _touch(path):
+    open_append(path).close()
+
+
+def _nothing():
+    return None
