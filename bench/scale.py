@@ -71,7 +71,7 @@ def run(backend, size, ctx):
         t_pong = max(p["t"] for p in pongs) - t0
     hello = t_last - t_first
     return [
-        row(NUMBER, "time for %d workers to HELLO" % count, backend, round(hello, 2), "s",
+        row(NUMBER, "time for %d workers to HELLO" % count, backend, round(hello, 3), "s",
             target="< 5 s", ok=hello < 5,
             note="first socket created to last HELLO_OK, %d simulator process(es); "
                  "sockets created and HELLOs sent in %.2f s; every worker Online in the "

@@ -31,6 +31,8 @@ from .storage import NotFound, StorageError
 
 log = logging.getLogger("lavacore.master")
 
+START_BATCH = 50  # STARTs built between two yields to the loop in a scheduling pass
+
 
 def open_storage(config, pm):
     storage = pm.hook.storage(config=config)
@@ -298,8 +300,12 @@ class Master:
                         log.info("[job %d] Scheduled on %s (worker %s)", job_id, hostname,
                                  result[1].worker)
                         placed.append(result)
-            for job, device in placed:
+            for count, (job, device) in enumerate(placed, 1):
                 self.start_job(job, device)
+                if count % START_BATCH == 0:
+                    # A pass placing thousands of jobs must not hold the loop for seconds:
+                    # PINGs, log lines and ENDs are served between batches of STARTs.
+                    gevent.sleep(0)
             return [job.id for job, _ in placed]
         except StorageError as exc:
             log.error("scheduling pass failed: %s", exc)

@@ -372,8 +372,10 @@ class SQLStorage:
 
     def queued_group_jobs(self):
         """Submitted members of multinode groups, in queue order (without definitions)."""
-        # "> ''" rather than "!= ''": the target_group index then skips single jobs.
-        rows = self._all("%s WHERE target_group > '' AND state = ?"
+        # "> ''" rather than "!= ''": the target_group index then skips single jobs; and
+        # "+state" so that SQLite's planner does not prefer the queue index on state, which
+        # reads every queued job (100,000 queued: 110 ms instead of well under 1 ms).
+        rows = self._all("%s WHERE target_group > '' AND +state = ?"
                          " ORDER BY priority DESC, submit_time, id" % QUEUED_JOBS.select,
                          (int(JobState.SUBMITTED),))
         return [QUEUED_JOBS.decode(row) for row in rows]
