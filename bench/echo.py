@@ -1,9 +1,11 @@
 """The physical limit of lavacore's own stack: a bare zmq.green ROUTER that answers
 protocol v3 greetings and PINGs and does nothing else.
 
-It has the master controller's shape (one greenlet, Poller + NOBLOCK drain, the same
-socket options) without decoding, storage, hooks or logging, so the master's PING/PONG
-rate divided by this one's is the share of the stack the master keeps.
+It has the master controller's shape (one greenlet, a green Poller waiting, then a
+NOBLOCK drain through the plain pyzmq socket shadowing the green one, as the master's
+services drain; the same socket options) without decoding, storage, hooks or logging, so
+the master's PING/PONG rate divided by this one's is the share of the stack the master
+keeps.
 
 With ``--logs-dir DIR`` it is also the bare log sink: a zmq.green PULL socket drained the
 same way, each ``[job_id, line]`` appended as ``- line`` to ``DIR/<job_id>/output.yaml``
@@ -23,6 +25,7 @@ import sys
 
 import gevent
 import gevent.event
+import zmq as plain_zmq
 import zmq.green as zmq
 
 REPLIES = {b"PING": [b"PONG", b"20"], b"HELLO": [b"HELLO_OK"], b"HELLO_RETRY": [b"HELLO_OK"]}
@@ -42,17 +45,18 @@ def serve(ctx, listen, stop):
           file=sys.stderr, flush=True)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
+    plain = plain_zmq.Socket.shadow(sock.underlying)
     while not stop.is_set():
         if not poller.poll(500):
             continue
         for _ in range(DRAIN):
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                frames = plain.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             answer = REPLIES.get(frames[1]) if len(frames) > 1 else None
             if answer is not None:
-                sock.send_multipart([frames[0]] + answer, zmq.NOBLOCK)
+                plain.send_multipart([frames[0]] + answer, zmq.NOBLOCK)
     sock.close(linger=0)
 
 
@@ -66,13 +70,14 @@ def sink(ctx, listen, directory, stop):
     files = {}
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
+    plain = plain_zmq.Socket.shadow(sock.underlying)
     while not stop.is_set():
         if not poller.poll(500):
             continue
         batch = collections.defaultdict(list)
         for _ in range(5000):
             try:
-                job, line = sock.recv_multipart(zmq.NOBLOCK)
+                job, line = plain.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             batch[job].append(line)

@@ -27,6 +27,7 @@ class Controller(Service):
     def __init__(self, master):
         super().__init__(master)
         self.socket = None
+        self._plain = None
         self.endpoint = None
         # hostname -> monotonic time of its last valid message. Starts empty: a worker
         # first heard from after a master start gets STATUS for its running jobs.
@@ -49,8 +50,10 @@ class Controller(Service):
              zmq.BACKLOG: 1024, zmq.LINGER: 0, zmq.RCVHWM: 0, zmq.SNDHWM: 0},
             "listening for workers")
         self.curve = bool(self.socket.getsockopt(zmq.CURVE_SERVER))
+        self._plain = self.plain(self.socket)
 
     def teardown(self):
+        self._plain = None
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
@@ -58,9 +61,9 @@ class Controller(Service):
     # -- the loop -----------------------------------------------------------------------
 
     def run(self):
-        sock = self.socket
         poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
+        poller.register(self.socket, zmq.POLLIN)
+        sock = self._plain
         while not self.stopping.is_set():
             if not poller.poll(500):
                 continue
@@ -108,10 +111,10 @@ class Controller(Service):
                            message.action, exc)
 
     def send(self, hostname, frames):
-        if self.socket is None:
+        if self._plain is None:
             return
         try:
-            self.socket.send_multipart([hostname.encode()] + frames, zmq.NOBLOCK)
+            self._plain.send_multipart([hostname.encode()] + frames, zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # a full or gone peer: the protocol resends
             self.log.debug("worker %s: cannot send %s: %s", hostname, frames[0], exc)
 

@@ -44,6 +44,7 @@ class LogService(Service):
     def __init__(self, master):
         super().__init__(master)
         self.socket = None
+        self._plain = None
         self.endpoint = None
         self._jobs = collections.OrderedDict()  # job id -> JobLog, least recently used first
         self._unknown_warned = set()
@@ -60,12 +61,14 @@ class LogService(Service):
             zmq.PULL, "logs", "[master] logs", self.master.config.master.logs,
             {zmq.LINGER: 0, zmq.RCVHWM: 5000, zmq.BACKLOG: 1024},
             "listening for job logs")
+        self._plain = self.plain(self.socket)
 
     def teardown(self):
         for entry in self._jobs.values():
             if entry.handle is not None:
                 entry.handle.close()
         self._jobs.clear()
+        self._plain = None
         if self.socket is not None:
             self.socket.close(linger=0)
             self.socket = None
@@ -90,7 +93,8 @@ class LogService(Service):
             return self._drain(limit)
 
     def _drain(self, limit):
-        if self.socket is None:
+        sock = self._plain
+        if sock is None:
             return 0
         batch = collections.defaultdict(list)
         count = 0
@@ -99,7 +103,7 @@ class LogService(Service):
         auth = self.master.auth_required
         while count < limit:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=not auth)
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=not auth)
             except zmq.Again:
                 break
             count += 1
