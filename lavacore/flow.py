@@ -245,6 +245,16 @@ class Flow:
             self.publish("worker", worker_event(worker), "lava-health")
         return changed
 
+    def workers_alive(self, hostnames, now):
+        """Liveness of a batch of workers (created when unknown): Online, last_ping
+        ``now``; one transaction, an event for each that came Online. Returns (hostnames
+        that came Online, hostnames created)."""
+        went_online, created = self.storage.workers_alive(hostnames, now,
+                                                         description="created by lavacore")
+        for worker in went_online:
+            self.publish("worker", worker_event(worker), "lava-health")
+        return [w.hostname for w in went_online], created
+
     def set_worker_health(self, hostname, health, username, reason=""):
         """Admin change of a worker's health, cascading to its devices (spec 6.1)."""
         st = self.storage

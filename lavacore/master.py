@@ -268,12 +268,14 @@ class Master:
         except StorageError as exc:
             log.error("cannot act on a %s notification now: %s", kind, exc)
 
-    def worker_online(self, hostname):
+    def workers_online(self, hostnames):
+        """Workers came Online: START and CANCEL again for their jobs, and a pass."""
         try:
-            self.resend_starts(worker=hostname)
-            self.resend_cancels(worker=hostname)
+            self.resend_starts(worker=hostnames)
+            self.resend_cancels(worker=hostnames)
         except StorageError as exc:
-            log.error("worker %s: cannot resend its START/CANCEL now: %s", hostname, exc)
+            log.error("worker(s) %s: cannot resend START/CANCEL now: %s",
+                      ", ".join(hostnames[:5]) + (", ..." if len(hostnames) > 5 else ""), exc)
         self.scheduler.wake()
 
     # -- scheduling and starting --------------------------------------------------------

@@ -20,6 +20,7 @@ from .models import Device, DeviceType, Job, TestCase, Worker
 from .states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 
 SCHEMA_VERSION = 2
+ALIVE_CHUNK = 500  # hostnames per statement in workers_alive
 
 
 class StorageError(Exception):
@@ -275,6 +276,39 @@ class SQLStorage:
 
     def update_worker(self, hostname, **fields):
         self._update(WORKERS, hostname, fields)
+
+    def workers_alive(self, hostnames, now, description=""):
+        """Workers heard from: each created if unknown, then Online with ``last_ping``
+        ``now``; three statements per 500 hostnames, in one transaction. Returns
+        (records of those that were not Online before, now Online; hostnames created)."""
+        went_online, created = [], []
+        hostnames = list(dict.fromkeys(hostnames))
+        with self.transaction():
+            for start in range(0, len(hostnames), ALIVE_CHUNK):
+                chunk = hostnames[start:start + ALIVE_CHUNK]
+                marks = ", ".join("?" * len(chunk))
+                known = {w.hostname: w for w in (WORKERS.decode(row) for row in self._all(
+                    "%s WHERE hostname IN (%s)" % (WORKERS.select, marks), chunk))}
+                new = [Worker(h, description=description) for h in chunk if h not in known]
+                if new:
+                    self._execute(
+                        "INSERT INTO workers (hostname, state, health, last_ping, description)"
+                        " VALUES %s ON CONFLICT (hostname) DO NOTHING"
+                        % ", ".join(["(?, ?, ?, ?, ?)"] * len(new)),
+                        [value for w in new for value in (
+                            w.hostname, int(w.state), int(w.health), w.last_ping,
+                            w.description)])
+                    created.extend(w.hostname for w in new)
+                    known.update((w.hostname, w) for w in new)
+                self._execute("UPDATE workers SET state = ?, last_ping = ? WHERE hostname"
+                              " IN (%s)" % marks, [int(WorkerState.ONLINE), now] + chunk)
+                for hostname in chunk:
+                    worker = known[hostname]
+                    if worker.state != WorkerState.ONLINE:
+                        worker.state = WorkerState.ONLINE
+                        went_online.append(worker)
+                    worker.last_ping = now
+        return went_online, created
 
     def set_all_workers_offline(self):
         self._execute("UPDATE workers SET state = ?", (int(WorkerState.OFFLINE),))

@@ -114,6 +114,26 @@ def test_workers(storage):
     storage.update_worker("w1")  # nothing to change: no error
 
 
+def test_workers_alive_in_one_batch(storage):
+    """The controller's liveness write: unknown workers created, all Online with the
+    new last_ping, and only those that were not Online reported (for their events)."""
+    storage.add_worker(Worker("known", health=WorkerHealth.MAINTENANCE, description="kept"))
+    storage.add_worker(Worker("online", state=WorkerState.ONLINE, last_ping=1.0))
+    names = ["w%04d" % i for i in range(1200)]  # more than one chunk of hostnames
+    went, created = storage.workers_alive(["known", "online"] + names + ["known"], 50.0,
+                                          description="created by lavacore")
+    assert sorted(created) == names
+    assert sorted(w.hostname for w in went) == sorted(["known"] + names)
+    assert all(w.state == WorkerState.ONLINE and w.last_ping == 50.0 for w in went)
+    known = storage.get_worker("known")
+    assert (known.state, known.health, known.description, known.last_ping) == \
+        (WorkerState.ONLINE, WorkerHealth.MAINTENANCE, "kept", 50.0)
+    assert storage.get_worker("w0042").description == "created by lavacore"
+    assert storage.get_worker("online").last_ping == 50.0
+    assert storage.workers_alive(["online", "w0001"], 60.0) == ([], [])
+    assert len(storage.list_workers(state=WorkerState.ONLINE)) == 1202
+
+
 # -- device types and devices ---------------------------------------------------------------
 
 def test_device_types(storage):

@@ -10,8 +10,7 @@ import gevent
 import zmq.green as zmq
 
 from .. import protocol
-from ..models import Worker
-from ..states import JobHealth, JobState, WorkerState
+from ..states import JobHealth, JobState
 from ..storage import NotFound, StorageError
 from .base import Service
 
@@ -34,7 +33,7 @@ class Controller(Service):
         self.seen = {}
         self.curve = False
         self._written = {}
-        self._dirty = {}  # hostname -> first message since start, to store (flush_alive)
+        self._dirty = set()  # workers heard from in this batch, to store (flush_alive)
         self._handlers = {
             protocol.HELLO: self.on_hello,
             protocol.HELLO_RETRY: self.on_hello,
@@ -130,7 +129,7 @@ class Controller(Service):
         if first or now - self._written.get(hostname, 0) >= LAST_PING_EVERY:
             # last_ping is kept to the nearest few seconds in the database; state changes
             # are written with the batch they arrive in.
-            self._dirty[hostname] = first or self._dirty.get(hostname, False)
+            self._dirty.add(hostname)
             self._written[hostname] = now
         self.seen[hostname] = now
         if first and not greeting:
@@ -142,16 +141,13 @@ class Controller(Service):
 
     def flush_alive(self):
         """Write the liveness of every worker heard from in this batch, in one
-        transaction (a storm of 10,000 greetings costs a few commits, not 10,000)."""
+        transaction (a storm of 10,000 greetings costs a few statements, not 40,000)."""
         if not self._dirty:
             return
-        dirty, self._dirty = self._dirty, {}
-        online = []
+        dirty, self._dirty = self._dirty, set()
+        master = self.master
         try:
-            with self.master.storage.transaction():
-                for hostname, first in dirty.items():
-                    if self._store_alive(hostname, first):
-                        online.append(hostname)
+            online, created = master.flow.workers_alive(sorted(dirty), master.clock.time())
         except StorageError as exc:
             # Not stored: these workers count as unheard, so their next message retries.
             for hostname in dirty:
@@ -160,22 +156,12 @@ class Controller(Service):
             self.log.error("liveness of %d worker(s) not stored, retried at their next"
                            " message: %s", len(dirty), exc)
             return
+        for hostname in created:
+            self.log.info("worker %s: new worker registered", hostname)
         for hostname in online:
-            self.master.worker_online(hostname)
-
-    def _store_alive(self, hostname, first):
-        master = self.master
-        if first:
-            try:
-                master.storage.get_worker(hostname)
-            except NotFound:
-                master.storage.add_worker(Worker(hostname, description="created by lavacore"))
-                self.log.info("worker %s: new worker registered", hostname)
-        went_online = master.flow.set_worker_state(hostname, WorkerState.ONLINE,
-                                                   last_ping=master.clock.time())
-        if went_online:
             self.log.info("worker %s: Online", hostname)
-        return went_online
+        if online:
+            master.workers_online(online)
 
     # -- actions ------------------------------------------------------------------------
 
