@@ -23,6 +23,7 @@ class SchedulingView:
         self.storage = storage
         self.rng = rng or random.Random()
         self._by_type = {}
+        self._tag_sets = None  # {type: queued tag sets}, read once per pass when needed
         excluded = set(exclude)
         for device in storage.available_devices(healths):
             if device.hostname not in excluded:
@@ -50,7 +51,9 @@ class SchedulingView:
         devices = self.devices(device_type) if devices is None else devices
         carried = [frozenset(d.tags) for d in devices]
         streams = []
-        for text in self.storage.queued_tag_sets(device_type):
+        if self._tag_sets is None:
+            self._tag_sets = self.storage.queued_tag_sets_by_type()
+        for text in self._tag_sets.get(device_type, ()):
             wanted = set(json.loads(text) if text else ())
             fitting = sum(1 for tags in carried if wanted <= tags)
             if fitting:

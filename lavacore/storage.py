@@ -419,13 +419,15 @@ class SQLStorage:
         return self._one("SELECT COUNT(*) FROM jobs WHERE actual_device = ? AND"
                          " health_check = 0 AND start_time >= ?", (hostname, since))[0]
 
-    def queued_tag_sets(self, device_type):
-        """The distinct tag sets (JSON text) of the jobs queued for ``device_type``."""
-        # (A Submitted job never has a device: no need to test actual_device, which
-        # would cost a table lookup per row instead of reading the index alone.)
-        rows = self._all("SELECT DISTINCT tags FROM jobs WHERE state = ? AND"
-                         " requested_device_type = ?", (int(JobState.SUBMITTED), device_type))
-        return [row[0] for row in rows]
+    def queued_tag_sets_by_type(self):
+        """{device type: [distinct tag sets (JSON text) of its queued jobs]}, in one
+        statement (a scheduling pass asks for every type)."""
+        found = {}
+        for device_type, tags in self._all(
+                "SELECT DISTINCT requested_device_type, tags FROM jobs WHERE state = ?"
+                " AND requested_device_type IS NOT NULL", (int(JobState.SUBMITTED),)):
+            found.setdefault(device_type, []).append(tags)
+        return found
 
     def queued_jobs_tagged(self, device_type, tags, limit, offset=0):
         """Like queued_jobs, only the jobs whose tag set is exactly ``tags`` (JSON text)."""

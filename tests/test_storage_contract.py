@@ -278,6 +278,21 @@ def test_queued_jobs_order_and_paging(storage):
     assert storage.queued_device_types() == {"qemu", "arm"}
 
 
+def test_queued_tag_sets_and_tagged_streams(storage):
+    usb = storage.insert_jobs([job(tags=["usb"], submit_time=t) for t in (3, 1, 2)])
+    plain = storage.insert_jobs([job(), job("arm", tags=["gpu"])])
+    done = storage.insert_jobs([job(tags=["hdmi"])])[0]
+    storage.update_job(done, state=JobState.FINISHED, health=JobHealth.COMPLETE)
+    found = storage.queued_tag_sets_by_type()
+    assert {t: sorted(sets) for t, sets in found.items()} == \
+        {"qemu": sorted(['["usb"]', "[]"]), "arm": ['["gpu"]']}
+    assert [j.id for j in storage.queued_jobs_tagged("qemu", '["usb"]', limit=2)] == \
+        [usb[1], usb[2]]
+    assert [j.id for j in storage.queued_jobs_tagged("qemu", '["usb"]', limit=2,
+                                                     offset=2)] == [usb[0]]
+    assert [j.id for j in storage.queued_jobs_tagged("qemu", "[]", limit=5)] == [plain[0]]
+
+
 def test_count_jobs_started_since(storage):
     ids = storage.insert_jobs([job() for _ in range(4)])
     storage.update_job(ids[0], actual_device="q1", start_time=100)
