@@ -171,9 +171,11 @@ class JobFiles:
             return self.writer.flush() and self.opener.flush()
         return False
 
-    def close(self, timeout=10):
-        self.writer.close(timeout)
+    def close(self, timeout=60):
+        """Finish what is queued: the log files first (their lines exist nowhere else),
+        then START's and END's files."""
         self.opener.close(timeout)
+        self.writer.close(timeout)
 
     def _written(self, directory, name, text, error):
         pending = self._pending.get(directory)

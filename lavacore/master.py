@@ -144,7 +144,9 @@ class Master:
             except Exception:
                 log.exception("stopping service %s failed", service.name)
         if self.files is not None:
-            self.files.close()
+            # START files can be rebuilt, but log lines waiting for their file cannot:
+            # a slow disk gets time (systemd waits 90 s for a unit to stop).
+            self.files.close(timeout=60)
         if self.context is not None:
             # Closes whatever a plugin left open instead of waiting for it forever.
             self.context.destroy(linger=0)
