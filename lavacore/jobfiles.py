@@ -5,9 +5,9 @@ native threads instead of the loop.
 Creating a file blocks: on a slow or busy disk (measured at 0.5-5 ms per file on the
 project's machines; NFS in some labs) a master creating several files per job on its one
 loop stops answering PINGs, taking log lines and acknowledging ENDs meanwhile. Here the
-loop only queues the work: one thread writes START's and END's files in order (reads made
-before it got there are answered from the queue), another opens the log files, which the
-log service then appends to. Appending to an open file does not wait for the disk.
+loop only queues the work: one thread writes START's files, one END's description.yaml
+(reads made before they got there are answered from the queues), a third opens the log
+files, which the log service then appends to. Appending to an open file does not wait for the disk.
 
 The threads do no logging (the logging module's locks are not for use across a hub and a
 native thread): what they did, or failed to do, is handed back to the loop.
@@ -107,15 +107,17 @@ class JobFiles:
     def __init__(self, root):
         self.root = root
         self._pending = {}   # directory -> {name: text} queued, not yet written
-        self.writer = FileThread("job files")
-        self.opener = FileThread("log files")
+        self.writer = FileThread("job files")     # START's files
+        self.ender = FileThread("end files")      # description.yaml, which END_OK awaits
+        self.opener = FileThread("log files")     # output.yaml
 
     def directory(self, job):
         return job.output_dir(self.root)
 
-    def write(self, job, files, then=None):
+    def write(self, job, files, then=None, thread=None):
         """Queue ``files`` ({name: text}) for ``job``'s directory; returns at once.
         ``then()`` runs in the loop once they are written (or failed, logged)."""
+        thread = thread or self.writer
         directory = self.directory(job)
         pending = self._pending.setdefault(directory, {})
         for name, text in files.items():
@@ -123,13 +125,18 @@ class JobFiles:
             if name in OPTIONAL and not text:
                 continue
             pending[name] = text
-            self.writer.call(_write_file, (directory, name, text),
-                             lambda result, error, d=directory, n=name, t=text:
-                             self._written(d, n, t, error))
+            thread.call(_write_file, (directory, name, text),
+                        lambda result, error, d=directory, n=name, t=text:
+                        self._written(d, n, t, error))
         if not pending:
             del self._pending[directory]
         if then is not None:
-            self.writer.call(_nothing, (), lambda result, error: then())
+            thread.call(_nothing, (), lambda result, error: then())
+
+    def write_end(self, job, description, then):
+        """END's description.yaml, on a thread of its own: END_OK waits for it, and must
+        not wait behind the START files of every job started since."""
+        self.write(job, {"description.yaml": description}, then, thread=self.ender)
 
     def write_start(self, job, message_files):
         """START's files, in the order that makes job.yaml the proof of a complete set;
@@ -168,13 +175,14 @@ class JobFiles:
     def flush(self, timeout=None):
         """Wait until everything queued is done; False on timeout."""
         with gevent.Timeout(timeout, False):
-            return self.writer.flush() and self.opener.flush()
+            return self.writer.flush() and self.ender.flush() and self.opener.flush()
         return False
 
     def close(self, timeout=60):
         """Finish what is queued: the log files first (their lines exist nowhere else),
         then START's and END's files."""
         self.opener.close(timeout)
+        self.ender.close(timeout)
         self.writer.close(timeout)
 
     def _written(self, directory, name, text, error):

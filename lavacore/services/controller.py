@@ -237,8 +237,8 @@ class Controller(Service):
             return
         # END_OK once description.yaml is written (off the loop): a master killed before
         # that gets the END again from the worker, and writes it then.
-        self.master.files.write(job, {"description.yaml": text},
-                                then=lambda: self.send(hostname, protocol.end_ok(job_id)))
+        self.master.files.write_end(job, text,
+                                    then=lambda: self.send(hostname, protocol.end_ok(job_id)))
 
     def end_job(self, hostname, job, errors, description, text):
         """Finish ``job`` from its END (``text``: the description, decompressed)."""
