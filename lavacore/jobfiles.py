@@ -28,6 +28,7 @@ log = logging.getLogger("lavacore.jobfiles")
 START_FILES = ("device.yaml", "dispatcher.yaml", "env.yaml", "env.dut.yaml", "job.yaml")
 OPTIONAL = frozenset(("dispatcher.yaml", "env.yaml", "env.dut.yaml"))
 LOG_FILE = "output.yaml"
+MADE_DIRECTORIES = 1000  # directories each thread remembers having made
 
 
 class FileThread:
@@ -41,6 +42,7 @@ class FileThread:
         self._pool = gevent.threadpool.ThreadPool(1)
         self._task = None
         self.calls = 0
+        self.made = collections.OrderedDict()  # directories made: for this thread's calls
 
     def __len__(self):
         return len(self._queue)
@@ -125,7 +127,7 @@ class JobFiles:
             if name in OPTIONAL and not text:
                 continue
             pending[name] = text
-            thread.call(_write_file, (directory, name, text),
+            thread.call(_write_file, (directory, name, text, thread.made),
                         lambda result, error, d=directory, n=name, t=text:
                         self._written(d, n, t, error))
         if not pending:
@@ -143,12 +145,13 @@ class JobFiles:
         and the job's output.yaml created ahead of its first log line (never truncated),
         so that opening it later does not wait for the disk."""
         self.write(job, {name: message_files.get(name) for name in START_FILES})
-        self.opener.call(_touch, (os.path.join(self.directory(job), LOG_FILE),))
+        self.opener.call(_touch, (os.path.join(self.directory(job), LOG_FILE),
+                                  self.opener.made))
 
     def open_log(self, path, then):
         """Open ``path`` for appending (directories made as needed) in the log thread;
         ``then(handle, error)`` in the loop."""
-        self.opener.call(open_append, (path,), then)
+        self.opener.call(open_append, (path, self.opener.made), then)
 
     def read(self, job, name):
         """The text of ``name`` for ``job`` (queued or on disk); None when it has none."""
@@ -196,19 +199,44 @@ class JobFiles:
                       name, directory, error)
 
 
-def _write_file(directory, name, text):
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, name), "w", encoding="utf-8") as handle:
+def _write_file(directory, name, text, made):
+    with _create(os.path.join(directory, name), "w", made) as handle:
         handle.write(text)
 
 
-def open_append(path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    return open(path, "a", encoding="utf-8")
+def open_append(path, made=None):
+    return _create(path, "a", made)
 
 
-def _touch(path):
-    open_append(path).close()
+def _create(path, mode, made):
+    """open(), making the directory first unless this thread remembers making it, and
+    again if it was removed since."""
+    directory = os.path.dirname(path)
+    _makedirs(directory, made)
+    try:
+        return open(path, mode, encoding="utf-8")
+    except FileNotFoundError:
+        if made is None or made.pop(directory, None) is None:
+            raise
+        _makedirs(directory, made)
+        return open(path, mode, encoding="utf-8")
+
+
+def _touch(path, made):
+    open_append(path, made).close()
+
+
+def _makedirs(directory, made):
+    """os.makedirs, skipped for a directory this thread made or saw lately (``made``: an
+    OrderedDict the calling thread alone uses): a job's files share one directory, and
+    on a slow disk even finding that it exists costs."""
+    if made is not None and directory in made:
+        return
+    os.makedirs(directory, exist_ok=True)
+    if made is not None:
+        made[directory] = True
+        if len(made) > MADE_DIRECTORIES:
+            made.popitem(last=False)
 
 
 def _nothing():
