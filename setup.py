@@ -29,10 +29,12 @@ setup(
         "pluggy>=1.3",
         "pyyaml>=6",
         "jinja2>=3.1",
-        "psycopg2>=2.9",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis", "lavacli==3.1.0", "wheel"],
+        # The PostgreSQL storage plugin; psycopg2 is built from source (libpq-dev).
+        "postgres": ["psycopg2>=2.9"],
+        "test": ["psycopg2>=2.9", "pytest>=7", "pytest-timeout", "hypothesis",
+                 "lavacli==3.1.0", "wheel"],
     },
     entry_points={
         "console_scripts": [

@@ -39,10 +39,17 @@ connection exists, so every query waits cooperatively under gevent.
 from lavacore.hookspecs import hookimpl
 from lavacore.storage import StorageError
 
-from . import green
-from .backend import PostgresStorage
-
-green.install()
+try:
+    from . import green
+    from .backend import PostgresStorage
+except ImportError as exc:  # psycopg2 is an extra: a SQLite lab does not build it
+    if exc.name != "psycopg2":
+        raise
+    MISSING = exc
+    PostgresStorage = None
+else:
+    MISSING = None
+    green.install()
 
 BACKENDS = ("postgres", "postgresql")
 
@@ -53,6 +60,10 @@ def storage(config):
         return None
     from lavacore.config import ConfigError
 
+    if PostgresStorage is None:
+        raise ConfigError("[storage] backend = %r needs psycopg2, which is not installed"
+                          " (%s): pip install 'lavacore[postgres]' (builds against"
+                          " libpq-dev)" % (config.storage.backend, MISSING))
     try:
         return PostgresStorage(config.storage.url, **dict(config.storage.options))
     except StorageError as exc:
