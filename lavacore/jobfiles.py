@@ -7,7 +7,8 @@ project's machines; NFS in some labs) a master creating several files per job on
 loop stops answering PINGs, taking log lines and acknowledging ENDs meanwhile. Here the
 loop only queues the work: one thread writes START's files, one END's description.yaml
 (reads made before they got there are answered from the queues), a third opens the log
-files, which the log service then appends to. Appending to an open file does not wait for the disk.
+files, which the log service then appends to. Appending to an open file does not wait
+for the disk.
 
 The threads do no logging (the logging module's locks are not for use across a hub and a
 native thread): what they did, or failed to do, is handed back to the loop.
@@ -43,6 +44,12 @@ class FileThread:
         self._task = None
         self.calls = 0
         self.made = collections.OrderedDict()  # directories made: for this thread's calls
+        # The thread wakes the loop after each call (an async watcher is the thread-safe
+        # way in), so a ``then`` runs as soon as its call is done, not when the queue is
+        # empty: under a steady load it may never be.
+        self._wake = gevent.get_hub().loop.async_()
+        self._wake.start(self._woken)
+        self._delivering = False
 
     def __len__(self):
         return len(self._queue)
@@ -74,6 +81,8 @@ class FileThread:
             log.error("%s: %d file operation(s) not done within %ss of stopping", self.name,
                       len(self._queue), timeout)
         self._pool.kill()
+        self._wake.stop()
+        self._wake.close()
         return done
 
     def _run(self):
@@ -87,9 +96,27 @@ class FileThread:
                 self._done.append((then, fn(*args), None))
             except OSError as exc:
                 self._done.append((then, None, exc))
+            if then is not None:
+                try:
+                    self._wake.send()
+                except Exception:  # closed: the master stopped without waiting for us
+                    return
+
+    def _woken(self):
+        """In the hub (which must not block): deliver from a greenlet."""
+        if not self._delivering and self._done:
+            self._delivering = True
+            gevent.spawn(self._deliver)
+
+    def _deliver(self):
+        try:
+            self._finished(None)
+        finally:
+            self._delivering = False
 
     def _finished(self, task):
-        """In the loop: the thread emptied the queue (or is still at it: ``flush``)."""
+        """In the loop: run the ``then`` of the calls done; when ``task`` (the thread's
+        run) is over, start another for what was queued after it found the queue empty."""
         if task is not None and task is self._task and task.ready():
             self._task = None
             if not task.successful():
@@ -102,7 +129,7 @@ class FileThread:
                     then(result, error)
                 except Exception:
                     log.exception("%s: handling a finished file operation failed", self.name)
-        self._start()  # what was queued after the thread found the queue empty
+        self._start()
 
 
 class JobFiles:

@@ -42,7 +42,9 @@ def test_db_migrate_check_and_copy_to_postgres(tmp_path):
         # The lab then runs on PostgreSQL with the same jobs.
         (tmp_path / "pg").mkdir()
         pg_config = write_config(tmp_path / "pg", storage=pgutil.storage_lines(schema))
-        shown = json.loads(run_cli(pg_config, "jobs", "show", str(ids[1]), "--json").stdout)
+        done = run_cli(pg_config, "jobs", "show", str(ids[1]), "--json")
+        assert done.returncode == 0, done.stderr
+        shown = json.loads(done.stdout)
         assert shown["state"] == "Submitted"
     finally:
         pgutil.drop_schema(schema)
