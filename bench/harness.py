@@ -25,9 +25,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PG_URL = os.environ.get("LAVACORE_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgres")
-# Workspaces (database, job output) live here. Not /tmp: on the 2-core machines of this
-# project creating a file in /tmp takes ~2-3 ms, 20 times as long as in /var/tmp, and the
-# master writes several files per job.
+# Workspaces (database, job output) live here. File creation on this project's machines
+# is slow and varies over minutes (0.1-5 ms per file): scenario 4 reports the rate it saw.
 WORK_DIR = os.environ.get("LAVACORE_BENCH_DIR", "/var/tmp")
 
 JOB_TEXT = """\

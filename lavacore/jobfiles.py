@@ -42,7 +42,6 @@ class FileThread:
         self._done = collections.deque()    # (then, result, error), appended by the thread
         self._pool = gevent.threadpool.ThreadPool(1)
         self._task = None
-        self.calls = 0
         self.made = collections.OrderedDict()  # directories made: for this thread's calls
         # The thread wakes the loop after each call (an async watcher is the thread-safe
         # way in), so a ``then`` runs as soon as its call is done, not when the queue is
@@ -50,9 +49,6 @@ class FileThread:
         self._wake = gevent.get_hub().loop.async_()
         self._wake.start(self._woken)
         self._delivering = False
-
-    def __len__(self):
-        return len(self._queue)
 
     def call(self, fn, args, then=None):
         self._queue.append((fn, args, then))
@@ -123,7 +119,6 @@ class FileThread:
                 log.error("%s: the file thread failed: %r", self.name, task.exception)
         while self._done:
             then, result, error = self._done.popleft()
-            self.calls += 1
             if then is not None:
                 try:
                     then(result, error)

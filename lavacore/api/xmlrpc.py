@@ -147,15 +147,16 @@ def scheduler_get_publisher_event_socket(caller):
 @method("scheduler.jobs.submit")
 def jobs_submit(caller, definition):
     """Queue a job as the token's user; the id, or the ids of a multinode group."""
-    records = jobs.submit(caller, definition)
-    if len(records) == 1 and not records[0].target_group:
-        return records[0].id
-    return [job.sub_id or str(job.id) for job in records]
+    return _queued_ids(jobs.submit(caller, definition))
 
 
 @method("scheduler.jobs.resubmit")
 def jobs_resubmit(caller, job_id):
-    records = jobs.resubmit(caller, job_id)
+    return _queued_ids(jobs.resubmit(caller, job_id))
+
+
+def _queued_ids(records):
+    """What LAVA answers to a submission: the job id, or the sub ids of a group."""
     if len(records) == 1 and not records[0].target_group:
         return records[0].id
     return [job.sub_id or str(job.id) for job in records]

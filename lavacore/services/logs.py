@@ -134,15 +134,12 @@ class LogService(Service):
         if entry.handle is None and entry.backlog:
             # The job is about to finish and its file is still being opened by the thread:
             # open it here, so its log is whole when it is Finished (START had the file
-            # created ahead, so this rarely waits for the disk).
+            # created ahead, so this rarely waits for the disk). The thread's handle is
+            # closed when it comes.
             try:
-                entry.handle = open_append(entry.path)
+                self._opened(entry, open_append(entry.path), None)
             except OSError as exc:
-                self.log.error("[job %d] cannot write %s: %s", job_id, entry.path, exc)
-                entry.backlog = []
-                return
-            text, entry.backlog = "".join(entry.backlog), []
-            self._append(entry, entry.handle, text)
+                self._opened(entry, None, exc)
         if entry.handle is not None:
             entry.handle.flush()
 

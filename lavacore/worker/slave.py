@@ -515,9 +515,7 @@ class Worker:
         self._mark_alive()
         row = self.table.get(job_id)
         if row is None:
-            log.info("job %d: CANCEL for an unknown job: END sent", job_id)
-            self.table.insert(job_id, 0, FINISHED, self.clock(), "")
-            self._send_end(job_id, "")
+            self._end_unknown(job_id, "CANCEL")
         elif row.status == RUNNING:
             if self._alive(row):
                 procs.signal_group(row.pid, signal.SIGTERM)
@@ -533,13 +531,18 @@ class Worker:
             log.info("job %d: CANCEL for a %s job: nothing to do", job_id,
                      STATUS_NAMES[row.status])
 
+    def _end_unknown(self, job_id, action):
+        """``action`` for a job this worker never ran: it is over as far as we know (the
+        END is resent until END_OK, as for any job)."""
+        log.info("job %d: %s for an unknown job: END sent", job_id, action)
+        self.table.insert(job_id, 0, FINISHED, self.clock(), "")
+        self._send_end(job_id, "")
+
     def _on_status(self, job_id):
         self._mark_alive()
         row = self.table.get(job_id)
         if row is None:
-            log.info("job %d: STATUS for an unknown job: END sent", job_id)
-            self.table.insert(job_id, 0, FINISHED, self.clock(), "")
-            self._send_end(job_id, "")
+            self._end_unknown(job_id, "STATUS")
         elif row.status == FINISHED:
             log.info("job %d: STATUS: finished, END sent", job_id)
             self._send_end(job_id, row.prefix)
