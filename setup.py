@@ -29,6 +29,8 @@ setup(
         "pluggy>=1.3",
         "pyyaml>=6",
         "jinja2>=3.1",
+        # LAVA's job schema library (lavacore/jobschema.py).
+        "voluptuous>=0.13",
     ],
     extras_require={
         # The PostgreSQL storage plugin; psycopg2 is built from source (libpq-dev).

@@ -69,9 +69,14 @@ def cmd_master(args):
 
 
 def cmd_submit(args, session):
-    from .jobs import JobError, submit
+    import yaml
+
+    from .jobs import JobError, prepare, submit
 
     path = args.definition
+    if args.strict and not args.dry_run:
+        raise UserError("--strict: only with --dry-run (a submission is checked as LAVA"
+                        " checks it)")
     try:
         if path == "-":
             text = sys.stdin.read()
@@ -81,10 +86,25 @@ def cmd_submit(args, session):
     except OSError as exc:
         raise UserError("%s: cannot read: %s" % (path, exc.strerror)) from None
     try:
-        jobs = submit(session.storage, session.pm.hook, None, text, args.user or "",
-                      session.clock.time())
+        if args.dry_run:
+            jobs = prepare(session.storage, session.pm.hook, None, text, args.user or "",
+                           session.clock.time(), config=session.config,
+                           strict=args.strict)
+        else:
+            jobs = submit(session.storage, session.pm.hook, None, text, args.user or "",
+                          session.clock.time(), config=session.config)
     except JobError as exc:
         raise UserError("%s: %s" % (path, exc)) from None
+    if args.dry_run:
+        for job in jobs:
+            role = ""
+            if job.target_group:
+                block = yaml.safe_load(job.definition)["protocols"]["lava-multinode"]
+                role = ", role %s" % block["role"]
+            print("valid: would queue %r for %s%s" % (
+                job.description, "device type " + job.requested_device_type
+                if job.requested_device_type else "a dynamic connection", role))
+        return 0
     session.flow.submitted(jobs)
     for job in jobs:
         print(job.id)
@@ -441,6 +461,11 @@ def build_parser():
     p.add_argument("definition", help="YAML job definition file, or - for stdin")
     p.add_argument("--user", default=os.environ.get("USER", ""),
                    help="submitter name (default: $USER)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the job as a submission is checked, queue nothing; prints"
+                        " the jobs it would queue")
+    p.add_argument("--strict", action="store_true",
+                   help="with --dry-run: also LAVA's validate-time checks")
     p.set_defaults(func=cmd_submit)
 
     jobs = sub.add_parser("jobs", help="show, list, cancel jobs; their logs and results")

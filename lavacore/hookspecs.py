@@ -186,13 +186,16 @@ def split_job(master, storage, definition, submitter, now):
     """Turn one submitted definition into the list of Job records to queue, or return
     None if this plugin does not handle it (the multinode plugin handles ``protocols:
     lava-multinode``). ``definition`` is a :class:`lavacore.jobs.Located` (``.data`` the
-    parsed mapping, ``.text`` the YAML, ``.error(key, msg)`` a JobError naming the line).
-    Raise :class:`lavacore.jobs.JobError` to refuse the submission. Called in the
-    submitting greenlet or process (``master`` None in the CLI); may block on storage.
+    parsed mapping, ``.text`` the YAML, ``.node`` its YAML node tree, ``.error(key, msg)``
+    and ``.error_at(path, msg)`` a JobError naming the line). Called only once the
+    definition passed the job schema (lavacore/jobschema.py). Raise
+    :class:`lavacore.jobs.JobError` to refuse the submission. Called in the submitting
+    greenlet or process (``master`` None in the CLI); may block on storage.
     """
 
 
 @hookspec
 def validate_job(master, definition, submitter):
-    """Return a list of problems (strings) with a submission, or None. All results are
-    collected; any problem refuses the submission with nothing queued."""
+    """Return a list of problems (strings) with a submission, or None: a site's own
+    rules, on a ``definition`` (the parsed mapping) that already passed the job schema.
+    All results are collected; any problem refuses the submission with nothing queued."""

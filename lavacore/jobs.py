@@ -1,12 +1,15 @@
 """Job submission: parse and check a LAVA job definition before anything is queued.
 
-Errors are one line naming where the problem is (``line 7: priority: ...``): the line
-numbers come from the YAML node tree, so a person can go straight to the spot.
+The checks are LAVA 2020.05's (:mod:`lavacore.jobschema`), then the site's own
+(``validate_job`` hook), then the split into the Job records to queue (``split_job``:
+MultiNode) with the devices they need. Errors are one line naming where the problem is
+(``line 7: priority: ...``): the line numbers come from the YAML node tree, so a person
+can go straight to the spot.
 """
 
 import yaml
 
-from . import states
+from . import jobschema, safeyaml, states
 from .models import Job
 
 try:
@@ -18,11 +21,16 @@ MAX_DEFINITION = 4 * 1024 * 1024
 
 
 class JobError(ValueError):
-    """A submission refused, with a one-line reason."""
+    """A submission refused, with a one-line reason; ``path`` names the place in the job
+    (``actions[2].deploy``) when there is one."""
+
+    def __init__(self, message, path=""):
+        super().__init__(message)
+        self.path = path
 
 
 class Located:
-    """A parsed definition together with the source line of each top-level key."""
+    """A parsed definition together with its YAML node tree, for line numbers."""
 
     def __init__(self, text):
         if isinstance(text, bytes):
@@ -35,8 +43,12 @@ class Located:
                            % (len(text), MAX_DEFINITION))
         self.text = text
         try:
-            node = yaml.compose(text, Loader=_Loader)
-            self.data = yaml.load(text, Loader=_Loader)
+            self.node = safeyaml.compose(text)
+            # Built from the node tree: the text is parsed once.
+            self.data = None if self.node is None else \
+                _Loader("").construct_document(self.node)
+        except safeyaml.InputError as exc:
+            raise JobError("invalid YAML: %s" % exc) from None
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             where = "line %d, column %d: " % (mark.line + 1, mark.column + 1) if mark else ""
@@ -46,19 +58,19 @@ class Located:
         if not isinstance(self.data, dict):
             raise JobError("line 1: a job definition must be a YAML mapping, not %s"
                            % ("empty" if self.data is None else type(self.data).__name__))
-        self.lines = {}
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
-                    self.lines[key.value] = (key.start_mark.line + 1, value)
 
-    def line(self, key, default=1):
-        return self.lines.get(key, (default, None))[0]
+    def line(self, *path):
+        """The line of a key (or of a path of keys and list indices)."""
+        return jobschema.locate(self.node, list(path))
 
     def error(self, key, message):
-        if key in self.lines:
-            return JobError("line %d: %s: %s" % (self.line(key), key, message))
-        return JobError("%s: %s" % (key, message))
+        return JobError("line %d: %s: %s" % (self.line(key), key, message), key)
+
+    def error_at(self, path, message):
+        """A JobError naming the line of ``path`` (a list of keys and indices)."""
+        where = jobschema.format_path(path)
+        return JobError("line %d: %s: %s" % (jobschema.locate(self.node, path), where,
+                                               message), where)
 
 
 def parse_priority(value):
@@ -72,81 +84,58 @@ def parse_priority(value):
     raise ValueError("must be 0-100 or low/medium/high, got %r" % (value,))
 
 
-def check_common(doc):
-    """The checks every job (single or multinode) passes; raises JobError."""
-    data = doc.data
-    for key in ("job_name", "visibility", "timeouts", "actions"):
-        if key not in data:
-            raise JobError("%s: missing (a LAVA job needs job_name, visibility, timeouts,"
-                           " actions)" % key)
-    if not isinstance(data["job_name"], str) or not data["job_name"].strip():
-        raise doc.error("job_name", "must be a non-empty string")
-    visibility = data["visibility"]
-    if visibility not in ("public", "personal") and not (
-            isinstance(visibility, dict) and set(visibility) == {"group"}):
-        raise doc.error("visibility", "must be public, personal or {group: [...]}")
-    timeouts = data["timeouts"]
-    if not isinstance(timeouts, dict) or not isinstance(timeouts.get("job"), dict):
-        raise doc.error("timeouts", "must be a mapping with a 'job' timeout")
-    for name, value in timeouts.items():
-        if isinstance(value, dict):
-            if not value or any(u not in ("days", "hours", "minutes", "seconds")
-                                or not isinstance(n, int) or isinstance(n, bool) or n < 0
-                                for u, n in value.items()):
-                raise doc.error("timeouts", "%s: use days/hours/minutes/seconds with whole"
-                                " numbers" % name)
-    actions = data["actions"]
-    if not isinstance(actions, list) or not actions:
-        raise doc.error("actions", "must be a non-empty list")
-    for index, action in enumerate(actions):
-        if not isinstance(action, dict) or len(action) != 1:
-            raise doc.error("actions", "item %d must be a mapping with one key (deploy, boot,"
-                            " test, command)" % (index + 1))
-    if "priority" in data:
-        try:
-            parse_priority(data["priority"])
-        except ValueError as exc:
-            raise doc.error("priority", str(exc)) from None
-    tags = data.get("tags", [])
-    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-        raise doc.error("tags", "must be a list of strings")
-    context = data.get("context", {})
-    if context is not None and not isinstance(context, dict):
-        raise doc.error("context", "must be a mapping")
-    if isinstance(context, dict) and not all(isinstance(k, str) and k.isidentifier()
-                                             for k in context):
-        raise doc.error("context", "keys must be plain names")
+def context_variables(config):
+    """The lab's extra context variables (``[jobs] extra_context_variables``), which jobs
+    may set besides LAVA's own (LAVA's EXTRA_CONTEXT_VARIABLES)."""
+    if config is None:
+        return ()
+    names = config.section("jobs").get("extra_context_variables", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise JobError("config.toml [jobs] extra_context_variables: expected an array of"
+                       " strings")
+    return tuple(names)
 
 
-def check_device_type(storage, doc, device_type, tags, submitter):
-    """The requested type must exist with at least one usable device carrying the tags."""
+def check_common(doc, extra_context=(), strict=False):
+    """LAVA's checks of a job definition (single or MultiNode), which need nothing but
+    the definition; raises JobError naming the line of the first problem."""
+    try:
+        jobschema.check(doc.data, doc.node, extra_context, strict)
+    except jobschema.SchemaError as exc:
+        raise JobError(str(exc), exc.path) from None
+
+
+def check_device_type(storage, doc, device_type, tags, submitter, where=()):
+    """The requested type must exist with at least one usable device carrying the tags.
+    ``where`` is the path of the mapping holding ``device_type`` and ``tags`` (a
+    MultiNode role's), for the line of the error."""
     from .storage import NotFound
     from .states import DeviceHealth
 
+    where = list(where)
     try:
         storage.get_device_type(device_type)
     except NotFound:
-        raise doc.error("device_type", "unknown device type %r" % device_type) from None
+        raise doc.error_at(where + ["device_type"], "unknown device type %r"
+                           % device_type) from None
     devices = [d for d in storage.list_devices(device_type=device_type)
                if d.health != DeviceHealth.RETIRED]
     if not devices:
-        raise doc.error("device_type", "every device of type %r is retired or none exists"
-                        % device_type)
+        raise doc.error_at(where + ["device_type"], "every device of type %r is retired"
+                           " or none exists" % device_type)
     if submitter != "lava-health" and not any(d.is_public for d in devices):
-        raise doc.error("device_type", "no device of type %r accepts jobs from %s"
-                        % (device_type, submitter or "anonymous users"))
+        raise doc.error_at(where + ["device_type"], "no device of type %r accepts jobs"
+                           " from %s" % (device_type, submitter or "anonymous users"))
     wanted = set(tags)
     if wanted and not any(wanted <= set(d.tags) for d in devices):
-        raise doc.error("tags", "no %s device carries all of %s"
-                        % (device_type, ", ".join(sorted(wanted))))
+        raise doc.error_at(where + ["tags"], "no %s device carries all of %s"
+                           % (device_type, ", ".join(sorted(wanted))))
 
 
 def single_job(storage, doc, submitter, now, health_check=False):
     """The Job record for a single-node definition (already checked by check_common)."""
     data = doc.data
-    device_type = data.get("device_type")
-    if not isinstance(device_type, str) or not device_type:
-        raise JobError("device_type: missing (or add protocols: lava-multinode)")
+    device_type = data["device_type"]
     tags = data.get("tags", [])
     check_device_type(storage, doc, device_type, tags, submitter)
     return Job(id=None, submitter=submitter or "", description=data["job_name"],
@@ -157,29 +146,40 @@ def single_job(storage, doc, submitter, now, health_check=False):
                original_definition=doc.text, health_check=health_check)
 
 
-def submit(storage, hook, master, text, submitter, now, health_check=False):
-    """Check a definition and queue it (several jobs for a multinode group).
+def prepare(storage, hook, master, text, submitter, now, health_check=False, config=None,
+            strict=False):
+    """Check a definition and build the Job records it would queue, without queueing
+    anything (``submit --dry-run`` and ``scheduler.jobs.validate`` stop here).
 
-    Returns the queued Job records; raises JobError (nothing queued) when the definition
-    is refused. Submitted events are the caller's to publish (Flow.submitted)."""
+    ``config`` is the lab's (the master's when ``master`` is given); raises JobError."""
     doc = Located(text)
-    check_common(doc)
+    if master is not None:
+        config = master.config
+    check_common(doc, context_variables(config), strict)
     problems = []
     if hook is not None:
         for found in hook.validate_job(master=master, definition=doc.data, submitter=submitter):
             problems.extend(found or ())
     if problems:
-        raise JobError(problems[0])
+        raise JobError(str(problems[0]))
     records = None
     if hook is not None:
         records = hook.split_job(master=master, storage=storage, definition=doc,
                                  submitter=submitter, now=now)
     if records is None:
-        if isinstance(doc.data.get("protocols"), dict) and \
-                "lava-multinode" in doc.data["protocols"]:
+        if "lava-multinode" in (doc.data.get("protocols") or {}):
             raise doc.error("protocols", "multinode jobs need the multinode plugin, which is"
                             " not loaded")
         records = [single_job(storage, doc, submitter, now, health_check)]
+    return records
+
+
+def submit(storage, hook, master, text, submitter, now, health_check=False, config=None):
+    """Check a definition and queue it (several jobs for a multinode group).
+
+    Returns the queued Job records; raises JobError (nothing queued) when the definition
+    is refused. Submitted events are the caller's to publish (Flow.submitted)."""
+    records = prepare(storage, hook, master, text, submitter, now, health_check, config)
     with storage.transaction():
         ids = storage.insert_jobs(records)
         for index, (job, job_id) in enumerate(zip(records, ids)):

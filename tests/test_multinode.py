@@ -59,13 +59,16 @@ def test_split_into_sub_jobs_with_role_actions(lab):
         block = data["protocols"]["lava-multinode"]
         assert block["group_size"] == 3 and block["target_group"] == job.target_group
         roles.append(block["role"])
-        assert [a["test"]["role"] for a in data["actions"]] == [[block["role"]]]
+        # As LAVA's split writes it: the action's role is its sub-job's role name.
+        assert [a["test"]["role"] for a in data["actions"]] == [block["role"]]
+        assert block["sub_id"] == jobs.index(job)
     assert sorted(roles) == ["client", "client", "server"]
 
 
 @pytest.mark.parametrize("roles,message", [
     ({"a": (1, "nosuch", {})}, "unknown device type 'nosuch'"),
-    ({"a": (2, "qemu", {}), "b": (1, None, {"connection": "ssh", "host_role": "a"})},
+    ({"a": (2, "qemu", {}), "b": (1, None, {"connection": "ssh", "host_role": "a",
+                                            "expect_role": "a"})},
      "count must be 1 to be a host_role"),
     ({"a": (5, "qemu", {})}, "needs 5 qemu device(s)"),
     ({"a": (1, "qemu", {"tags": "[usb]"})}, "no qemu device carries all of usb"),
@@ -132,7 +135,7 @@ def test_dynamic_connection_starts_on_host_worker_with_trimmed_config(lab):
     w2 = lab.worker("worker2")
     ids = lab.submit(group_yaml({
         "host": (1, "qemu", {}), "peer": (1, "qemu", {}),
-        "ssh": (1, None, {"connection": "ssh", "host_role": "host"})}))
+        "ssh": (1, None, {"connection": "ssh", "host_role": "host", "expect_role": "host"})}))
     host_id, peer_id, ssh_id = ids
     lab.wait_for(lambda: lab.job(host_id).worker is not None)
     host_worker = w1 if lab.job(host_id).worker == "worker1" else w2

@@ -55,7 +55,8 @@ def test_two_roles_and_a_dynamic_connection_run_to_the_end(lab, workers):
     workers(lab, "worker1")
     workers(lab, "worker2")
     text = group_yaml({"server": (1, "host", {}), "client": (2, "host", {}),
-                       "ssh": (1, None, {"connection": "ssh", "host_role": "server"})})
+                       "ssh": (1, None, {"connection": "ssh", "host_role": "server",
+                                         "expect_role": "server"})})
     # Each role's step records its role and the size of its group, as a test case.
     text = text.replace("run: {steps: [echo server]}",
                         "run: {steps: [lava-test-case role-server --result pass]}")

@@ -4,7 +4,7 @@ the type's template and health check (kept in the database, read before the file
 import os
 
 from .. import health as health_mod
-from ..jobs import JobError, Located, check_common
+from ..jobs import JobError, Located, check_common, context_variables
 from ..models import DeviceType
 from ..storage import NotFound
 from . import validate
@@ -167,7 +167,7 @@ def set_health_check(caller, name, text):
     text = validate.text(text, "health check", limit=1024 * 1024)
     if text.strip():
         try:
-            check_common(Located(text))
+            check_common(Located(text), context_variables(master.config))
         except JobError as exc:
             raise bad_request("health check %s: %s" % (name, exc)) from None
         master.storage.set_blob("health-check", name, text)

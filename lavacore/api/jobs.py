@@ -8,7 +8,6 @@ breath, a cancel reaches the worker immediately.
 
 import collections
 import os
-import re
 
 from .. import jobs as submission
 from ..jobs import JobError
@@ -66,26 +65,18 @@ def cancel(caller, ident):
     return canceled or caller.master.storage.get_job(job.id)
 
 
-_PATH_RE = re.compile(r"^(?:line \d+(?:, column \d+)?: )?([A-Za-z_][\w-]*): ")
-
-
-def check(caller, text):
-    """Validate without queueing: {} when valid, else {"path": key, "msg": reason}."""
+def check(caller, text, strict=False):
+    """Validate without queueing: {} when the job would be queued, else {"path": where in
+    the job (``actions[2].deploy``), "msg": the one-line reason}. The same checks as a
+    submission (LAVA's rules, the site's, the devices it needs); ``strict`` adds those of
+    LAVA's validate call."""
     master = caller.master
     text = validate.text(text, "definition", limit=submission.MAX_DEFINITION + 1)
     try:
-        doc = submission.Located(text)
-        submission.check_common(doc)
-        problems = []
-        for found in master.hook.validate_job(master=master, definition=doc.data,
-                                              submitter=caller.user):
-            problems.extend(found or ())
-        if problems:
-            raise JobError(problems[0])
+        submission.prepare(master.storage, master.hook, master, text, caller.user,
+                           master.clock.time(), strict=strict)
     except JobError as exc:
-        message = str(exc)
-        match = _PATH_RE.match(message)
-        return {"path": match.group(1) if match else "", "msg": message}
+        return {"path": exc.path or "", "msg": str(exc)}
     return {}
 
 

@@ -1,9 +1,22 @@
-"""What the built-in runner takes from a LAVA job definition: its timeouts and the inline
-test definitions of its ``test`` actions, checked before anything runs.
+"""What the built-in runner takes from a LAVA job definition: its timeouts, its actions
+and the inline test definitions of its ``test`` actions, checked before anything runs.
 
 Everything that does not fit raises :class:`JobError` with one line naming the place
 (``actions[2].test.definitions[0]``, ``timeouts.job``, a YAML line), because LAVA reports
 such a job as a Job error and the person who wrote it has to find the mistake.
+
+Deploy and boot actions: lavacore-run performs only the methods a device type declares as
+its own, in the device configuration's own method list::
+
+    actions:
+      deploy:
+        methods:
+          host:
+            lavacore-run: true
+
+(the ``host`` type's: the device is the worker host, so there is nothing to deploy or
+boot). Any other deploy or boot method, and ``command`` actions, are refused before the
+job runs (:func:`check_runnable`), so a job never passes having skipped what it asked for.
 """
 
 import dataclasses
@@ -19,11 +32,18 @@ except AttributeError:  # pragma: no cover
 # LAVA makes timeouts.job mandatory; a job without it still gets a bound here so that the
 # runner can never run forever.
 DEFAULT_JOB_TIMEOUT = 3600.0
+# What LAVA's dispatcher takes for a timeout that gives no duration ({skip: true}, {}).
+DEFAULT_TIMEOUT = 30.0
 NAME_RE = re.compile(r"^[-_a-zA-Z0-9.]+$")
 SHELL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
-# Names under timeouts.actions that mean "the test shell" in LAVA jobs.
-_TEST_ACTION_NAMES = ("lava-test-shell", "lava-test-retry", "test")
+# LAVA's two actions around a test shell: the retry wrapper and the shell itself. Each
+# has its own timeout; the test runs until the first of them expires.
+TEST_ACTION_NAMES = ("lava-test-retry", "lava-test-shell")
+# The key of a device method (actions.deploy.methods.NAME) that makes it lavacore-run's.
+RUNNER_KEY = "lavacore-run"
+_INLINE_KEYS = ("metadata", "install", "run", "parse")
+_METHOD_KEYS = {"deploy": "to", "boot": "method", "command": "name"}
 
 
 class JobError(ValueError):
@@ -39,9 +59,19 @@ class Definition:
 
 @dataclasses.dataclass
 class TestAction:
-    number: int     # 1-based position in `actions`, as LAVA numbers its pipeline
+    number: int     # 1-based position in the pipeline, as LAVA numbers it
     timeout: float  # seconds, or None for "whatever the job has left"
     definitions: list
+    skip: bool = False  # its timeout has skip: true: on expiry, go on to the next action
+
+
+@dataclasses.dataclass
+class Action:
+    number: int     # 1-based position in the pipeline (one per action kind)
+    kind: str       # deploy, boot, test or command
+    where: str      # actions[2].deploy
+    method: str     # deploy: to, boot: method, command: name; '' for tests
+    test: TestAction = None
 
 
 @dataclasses.dataclass
@@ -50,25 +80,32 @@ class JobPlan:
     job_name: str
     device_type: str
     job_timeout: float
-    tests: list
-    skipped: list   # (number, action name) of actions this runner does not run
+    actions: list
+
+    @property
+    def tests(self):
+        return [action.test for action in self.actions if action.test is not None]
 
 
 def duration(value, where):
-    """Seconds of a LAVA timeout mapping such as ``{minutes: 5}`` (keys may be combined)."""
-    if not isinstance(value, dict) or not value:
+    """Seconds of a LAVA timeout mapping such as ``{minutes: 5}`` (units may be combined,
+    as LAVA's dispatcher adds them up; ``skip`` is allowed; no duration at all is LAVA's
+    default of 30 seconds)."""
+    if not isinstance(value, dict):
         raise JobError("%s: expected a mapping like {minutes: 5}, got %r" % (where, value))
     total = 0.0
     for key, amount in value.items():
+        if key == "skip":
+            if not isinstance(amount, bool):
+                raise JobError("%s.skip: expected true or false, got %r" % (where, amount))
+            continue
         if key not in _UNITS:
             raise JobError("%s: unknown unit %r (use days, hours, minutes or seconds)"
                            % (where, key))
         if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
             raise JobError("%s.%s: expected a non-negative number, got %r" % (where, key, amount))
         total += amount * _UNITS[key]
-    if total <= 0:
-        raise JobError("%s: the timeout must be longer than 0 seconds" % where)
-    return total
+    return total or DEFAULT_TIMEOUT
 
 
 def _yaml_error(exc):
@@ -90,6 +127,32 @@ def _step(value, where):
     raise JobError("%s: a step must be a string, got %r" % (where, value))
 
 
+def _inline(repo, where):
+    """The steps of an inline definition; its keys are checked so that a typo (``stepz:``)
+    is an error, not a definition that runs nothing and passes."""
+    if not isinstance(repo, dict):
+        raise JobError("%s.repository: an inline definition needs a mapping here" % where)
+    for key in repo:
+        if key not in _INLINE_KEYS:
+            raise JobError("%s.repository: unknown key %r (an inline definition has %s)"
+                           % (where, key, ", ".join(_INLINE_KEYS)))
+    if "run" not in repo:
+        return []
+    run = repo["run"]
+    if not isinstance(run, dict):
+        raise JobError("%s.repository.run: expected a mapping with 'steps'" % where)
+    unknown = [key for key in run if key != "steps"]
+    if unknown:
+        raise JobError("%s.repository.run: unknown key %r (the only one is 'steps')"
+                       % (where, unknown[0]))
+    if "steps" not in run:
+        raise JobError("%s.repository.run: 'steps' is required" % where)
+    steps = run["steps"] or []
+    if not isinstance(steps, list):
+        raise JobError("%s.repository.run.steps: expected a list of shell lines" % where)
+    return [_step(s, "%s.repository.run.steps[%d]" % (where, i)) for i, s in enumerate(steps)]
+
+
 def _definition(item, where, index):
     if not isinstance(item, dict):
         raise JobError("%s: expected a mapping, got %r" % (where, item))
@@ -98,20 +161,12 @@ def _definition(item, where, index):
         raise JobError("%s: 'from: %s' is not supported by lavacore-run (only 'from: inline')"
                        % (where, origin))
     repo = item.get("repository")
-    if not isinstance(repo, dict):
-        raise JobError("%s.repository: an inline definition needs a mapping here" % where)
+    steps = _inline(repo, where)
     metadata = repo.get("metadata") if isinstance(repo.get("metadata"), dict) else {}
     name = item.get("name") or metadata.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise JobError("%s.name: expected a name of letters, digits, '-', '_' or '.', got %r"
                        % (where, name))
-    run = repo.get("run") or {}
-    if not isinstance(run, dict):
-        raise JobError("%s.repository.run: expected a mapping with 'steps'" % where)
-    steps = run.get("steps") or []
-    if not isinstance(steps, list):
-        raise JobError("%s.repository.run.steps: expected a list of shell lines" % where)
-    steps = [_step(s, "%s.repository.run.steps[%d]" % (where, i)) for i, s in enumerate(steps)]
     # The definition's `params` are defaults; the job's `parameters` override them (LAVA).
     params = {}
     for key, source in (("repository.params", repo.get("params")),
@@ -128,61 +183,126 @@ def _definition(item, where, index):
     return Definition("%d_%s" % (index, name), steps, params)
 
 
-def _action_timeout(data, test, where):
-    if test.get("timeout") is not None:
-        return duration(test["timeout"], where + ".timeout")
-    timeouts = data.get("timeouts") or {}
-    per_name = timeouts.get("actions") or {}
-    if isinstance(per_name, dict):
-        for name in _TEST_ACTION_NAMES:
-            if per_name.get(name) is not None:
-                return duration(per_name[name], "timeouts.actions.%s" % name)
-    if timeouts.get("action") is not None:
-        return duration(timeouts["action"], "timeouts.action")
-    return None
+def _timeouts(data, where):
+    timeouts = data.get("timeouts")
+    if timeouts is None:
+        return {}
+    if not isinstance(timeouts, dict):
+        raise JobError("%s: expected a mapping" % where)
+    return timeouts
 
 
-def load(text):
-    """Parse and check a job definition; return its :class:`JobPlan`."""
+def _test_timeout(data, device, test, where):
+    """(seconds or None, skip) of a test action, by LAVA's precedence: the action's own
+    ``timeout``, else ``timeouts.actions.<name>`` (the job's, then the device's), else
+    ``timeouts.action`` (the job's, then the device's); for each of the retry wrapper and
+    the shell, the first to expire ending the test."""
+    own = test.get("timeout")
+    if own is not None:
+        seconds = duration(own, where + ".timeout")
+        return seconds, own.get("skip") is True
+    sources = [(_timeouts(data, "timeouts"), "timeouts"),
+               (_timeouts(device or {}, "the device's timeouts"), "device timeouts")]
+    limits = []
+    for name in TEST_ACTION_NAMES:
+        found = None
+        for timeouts, label in sources:
+            named = timeouts.get("actions")
+            if isinstance(named, dict) and named.get(name) is not None:
+                found = duration(named[name], "%s.actions.%s" % (label, name))
+                break
+        if found is None:
+            for timeouts, label in sources:
+                if timeouts.get("action") is not None:
+                    found = duration(timeouts["action"], "%s.action" % label)
+                    break
+        if found is not None:
+            limits.append(found)
+    return (min(limits) if limits else None), False
+
+
+def _test(data, device, body, where, number, index):
+    if not isinstance(body, dict):
+        raise JobError("%s: expected a mapping" % where)
+    if body.get("definitions") is None:
+        other = [k for k in ("monitors", "interactive") if k in body]
+        raise JobError("%s: %s" % (where, "'%s' tests are not supported by lavacore-run"
+                                   % other[0] if other else "no 'definitions'"))
+    if not isinstance(body["definitions"], list):
+        raise JobError("%s.definitions: expected a list" % where)
+    definitions = [_definition(item, "%s.definitions[%d]" % (where, i), index + i)
+                   for i, item in enumerate(body["definitions"])]
+    seconds, skip = _test_timeout(data, device, body, where)
+    return TestAction(number, seconds, definitions, skip)
+
+
+def load(text, device=None):
+    """Parse and check a job definition; return its :class:`JobPlan`. ``device`` is the
+    device configuration (a dict), whose timeouts the job's override."""
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise JobError("job definition is not valid YAML: %s" % _yaml_error(exc)) from None
     if not isinstance(data, dict):
         raise JobError("job definition must be a YAML mapping, got %s" % type(data).__name__)
-    timeouts = data.get("timeouts")
-    if timeouts is not None and not isinstance(timeouts, dict):
-        raise JobError("timeouts: expected a mapping")
-    timeouts = timeouts or {}
+    timeouts = _timeouts(data, "timeouts")
     job_timeout = DEFAULT_JOB_TIMEOUT
     if timeouts.get("job") is not None:
         job_timeout = duration(timeouts["job"], "timeouts.job")
-    actions = data.get("actions")
-    if not isinstance(actions, list) or not actions:
+    items = data.get("actions")
+    if not isinstance(items, list) or not items:
         raise JobError("actions: expected a non-empty list of actions")
-    tests, skipped, index = [], [], 0
-    for number, action in enumerate(actions, 1):
-        where = "actions[%d]" % (number - 1)
-        if not isinstance(action, dict) or len(action) != 1:
-            raise JobError("%s: expected a mapping with one key (deploy, boot, test...)" % where)
-        (kind, body), = action.items()
-        if kind != "test":
-            skipped.append((number, str(kind)))
-            continue
-        where += ".test"
-        if not isinstance(body, dict):
-            raise JobError("%s: expected a mapping" % where)
-        if body.get("definitions") is None:
-            other = [k for k in ("monitors", "interactive") if k in body]
-            raise JobError("%s: %s" % (where, "'%s' tests are not supported by lavacore-run"
-                                       % other[0] if other else "no 'definitions'"))
-        if not isinstance(body["definitions"], list):
-            raise JobError("%s.definitions: expected a list" % where)
-        definitions = []
-        for i, item in enumerate(body["definitions"]):
-            definitions.append(_definition(item, "%s.definitions[%d]" % (where, i), index))
-            index += 1
-        tests.append(TestAction(number, _action_timeout(data, body, where), definitions))
+    actions, index = [], 0
+    for position, item in enumerate(items):
+        if not isinstance(item, dict) or not item:
+            raise JobError("actions[%d]: expected a mapping like {deploy: {...}}" % position)
+        for kind, body in item.items():
+            where = "actions[%d].%s" % (position, kind)
+            number = len(actions) + 1
+            if kind == "test":
+                test = _test(data, device, body, where, number, index)
+                index += len(test.definitions)
+                actions.append(Action(number, kind, where, "", test))
+                continue
+            if kind not in _METHOD_KEYS:
+                raise JobError("%s: unknown action type (deploy, boot, test or command)"
+                               % where)
+            if not isinstance(body, dict):
+                raise JobError("%s: expected a mapping" % where)
+            method = body.get(_METHOD_KEYS[kind])
+            if not isinstance(method, str) or not method:
+                raise JobError("%s: '%s' is required" % (where, _METHOD_KEYS[kind]))
+            actions.append(Action(number, kind, where, method))
     return JobPlan(data=data, job_name=str(data.get("job_name") or ""),
                    device_type=str(data.get("device_type") or ""), job_timeout=job_timeout,
-                   tests=tests, skipped=skipped)
+                   actions=actions)
+
+
+def own_methods(device, kind):
+    """The ``kind`` (deploy or boot) methods the device type declares as lavacore-run's."""
+    actions = device.get("actions")
+    block = actions.get(kind) if isinstance(actions, dict) else None
+    methods = block.get("methods") if isinstance(block, dict) else None
+    if not isinstance(methods, dict):
+        return set()
+    return {name for name, settings in methods.items()
+            if isinstance(settings, dict) and settings.get(RUNNER_KEY) is True}
+
+
+def check_runnable(plan, device):
+    """Raise JobError naming the first action lavacore-run cannot perform on ``device``."""
+    device_type = device.get("device_type") or plan.device_type or "?"
+    for action in plan.actions:
+        if action.kind == "test":
+            continue
+        if action.kind == "command":
+            raise JobError("%s: lavacore-run cannot run command %r (device commands need"
+                           " LAVA's lava-run)" % (action.where, action.method))
+        own = own_methods(device, action.kind)
+        if action.method not in own:
+            verb = "deploy to" if action.kind == "deploy" else "boot with"
+            declared = (" (its own %s methods: %s)" % (action.kind, ", ".join(sorted(own)))
+                        if own else "")
+            raise JobError("%s: lavacore-run cannot %s %r: device type %s does not declare"
+                           " it as lavacore-run's own%s" % (action.where, verb, action.method,
+                                                            device_type, declared))

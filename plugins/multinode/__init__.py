@@ -1,8 +1,9 @@
 """MultiNode jobs: groups of sub-jobs that start together (spec 9.3, 9.4), without the
 deadlocks of LAVA's one-device-at-a-time reservation.
 
-Submission: a definition with ``protocols: lava-multinode: roles:`` is split into one
-sub-job per role instance, all in a fresh ``target_group``.
+Submission: a definition with ``protocols: lava-multinode: roles:`` (already checked
+against LAVA's rules by lavacore.jobschema) is split into one sub-job per role instance,
+all in a fresh ``target_group``, shaped as LAVA's dispatcher expects (see split.py).
 
 Allocation (the ``schedule`` hook, as a wrapper around whichever scheduler is installed,
 asking the ``allocate_groups`` hook, which another policy plugin may answer instead): a
@@ -15,10 +16,11 @@ jobs that come after it in the queue may not take them, jobs before it still may
 group waits only for jobs that were ahead of it. Device types no queued group needs are
 left to the installed scheduler untouched.
 
-Start: every device sub-job's START carries the roles map ``{job id: role}``; dynamic
-connections (a role with ``connection`` and ``host_role``) have no device, are Scheduled
-with their host role's job and started on its worker with the trimmed device
-configuration of spec section 8.
+Start: every device sub-job's START carries the roles map ``{job id: role}`` and its
+device rendered with its role's context; dynamic connections (a role with
+``connection`` and ``host_role``) have no device, are Scheduled with their host role's
+job and started on its worker with the host device's configuration trimmed as LAVA
+2020.05 trims it (see trim.py).
 
 Life cycle: canceling one sub-job cancels the group; an essential role ending Incomplete
 cancels the others.
@@ -30,14 +32,13 @@ import uuid
 
 from lavacore import devices as devices_mod
 from lavacore.hookspecs import hookimpl
-from lavacore.jobs import JobError, check_device_type, parse_priority
+from lavacore.jobs import check_device_type, parse_priority
 from lavacore.models import Job
 from lavacore.scheduling import job_fits
 from lavacore.states import DeviceHealth, JobHealth, JobState
 
-COPIED_KEYS = ("job_name", "timeouts", "priority", "visibility", "notify", "metadata",
-               "context")
-ROLE_ONLY_KEYS = ("count", "device_type", "tags")
+from .split import split
+from .trim import trimmed_configuration
 
 
 def _multinode(data):
@@ -47,41 +48,6 @@ def _multinode(data):
     return None
 
 
-def _roles(doc):
-    block = _multinode(doc.data)
-    roles = block.get("roles")
-    if not isinstance(roles, dict) or not roles:
-        raise doc.error("protocols", "lava-multinode: roles must be a non-empty mapping")
-    checked = {}
-    for name, role in roles.items():
-        where = "lava-multinode role %s" % name
-        if not isinstance(role, dict):
-            raise doc.error("protocols", "%s: must be a mapping" % where)
-        count = role.get("count", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise doc.error("protocols", "%s: count must be a positive integer" % where)
-        if ("device_type" in role) == ("connection" in role):
-            raise doc.error("protocols", "%s: needs either device_type or connection"
-                            " (and not both)" % where)
-        if "connection" in role and "host_role" not in role:
-            raise doc.error("protocols", "%s: a connection needs a host_role" % where)
-        tags = role.get("tags", [])
-        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise doc.error("protocols", "%s: tags must be a list of strings" % where)
-        checked[name] = role
-    for name, role in checked.items():
-        host = role.get("host_role")
-        if host is None:
-            continue
-        if host not in checked or "device_type" not in checked[host]:
-            raise doc.error("protocols", "lava-multinode role %s: host_role %r is not a"
-                            " role with a device" % (name, host))
-        if checked[host].get("count", 1) != 1:
-            raise doc.error("protocols", "lava-multinode role %s: count must be 1 to be a"
-                            " host_role" % host)
-    return checked
-
-
 def _check_devices(storage, doc, roles, submitter):
     """Refuse at submission a group that could never be placed: unknown types, too few
     usable devices carrying each role's tags."""
@@ -89,16 +55,18 @@ def _check_devices(storage, doc, roles, submitter):
     for name, role in roles.items():
         if "device_type" not in role:
             continue
-        check_device_type(storage, doc, role["device_type"], role.get("tags", []), submitter)
+        check_device_type(storage, doc, role["device_type"], role.get("tags", []), submitter,
+                          ("protocols", "lava-multinode", "roles", name))
         wanted.setdefault(role["device_type"], []).extend(
             [set(role.get("tags", []))] * role.get("count", 1))
     for device_type, needs in wanted.items():
         usable = [d for d in storage.list_devices(device_type=device_type)
                   if d.health != DeviceHealth.RETIRED]
         if not _assign(needs, usable, lambda need, d: need <= set(d.tags)):
-            raise doc.error("protocols", "the group needs %d %s device(s) with the tags of"
-                            " its roles; only %d exist" % (len(needs), device_type,
-                                                           len(usable)))
+            raise doc.error_at(["protocols", "lava-multinode", "roles"],
+                               "the group needs %d %s device(s) with the tags of its"
+                               " roles; only %d exist" % (len(needs), device_type,
+                                                          len(usable)))
 
 
 def _assign(needs, pool, fits):
@@ -121,45 +89,23 @@ def _assign(needs, pool, fits):
 
 @hookimpl
 def split_job(master, storage, definition, submitter, now):
-    if _multinode(definition.data) is None:
+    block = _multinode(definition.data)
+    if block is None:
         return None
-    roles = _roles(definition)
+    roles = block["roles"]
     _check_devices(storage, definition, roles, submitter)
     data = definition.data
     group = uuid.uuid4().hex
-    size = sum(role.get("count", 1) for role in roles.values())
     priority = parse_priority(data.get("priority", 50))
+    visibility = data["visibility"] if isinstance(data["visibility"], str) else "group"
     jobs = []
-    for name, role in roles.items():
-        actions = []
-        for action in data["actions"]:
-            (kind, body), = action.items()
-            targets = body.get("role", []) if isinstance(body, dict) else []
-            if isinstance(targets, str):
-                targets = [targets]
-            if name in targets:
-                actions.append(action)
-        for _ in range(role.get("count", 1)):
-            sub = {key: data[key] for key in COPIED_KEYS if key in data}
-            if "device_type" in role:
-                sub["device_type"] = role["device_type"]
-            if role.get("tags"):
-                sub["tags"] = role["tags"]
-            protocols = {k: v for k, v in data["protocols"].items() if k != "lava-multinode"}
-            block = {k: v for k, v in role.items() if k not in ROLE_ONLY_KEYS}
-            block.update({"target_group": group, "role": name, "group_size": size})
-            protocols["lava-multinode"] = block
-            sub["protocols"] = protocols
-            sub["actions"] = actions
-            text = devices_mod.yaml_dump(sub)
-            jobs.append(Job(id=None, submitter=submitter or "", description=data["job_name"],
-                            requested_device_type=role.get("device_type"),
-                            tags=tuple(role.get("tags", [])), priority=priority,
-                            visibility=data["visibility"] if isinstance(data["visibility"], str)
-                            else "group", submit_time=now, definition=text,
-                            original_definition=definition.text, target_group=group))
-    if not any(job.requested_device_type for job in jobs):
-        raise JobError("protocols: lava-multinode: at least one role needs a device_type")
+    for _name, role, sub in split(data, group):
+        jobs.append(Job(id=None, submitter=submitter or "", description=data["job_name"],
+                        requested_device_type=role.get("device_type"),
+                        tags=tuple(role.get("tags", [])), priority=priority,
+                        visibility=visibility, submit_time=now,
+                        definition=devices_mod.yaml_dump(sub),
+                        original_definition=definition.text, target_group=group))
     return jobs
 
 
@@ -168,7 +114,10 @@ def split_job(master, storage, definition, submitter, now):
 def _role(job):
     data = devices_mod.yaml_load(job.definition) or {}
     block = _multinode(data) or {}
-    return block.get("role"), block.get("host_role"), bool(block.get("essential"))
+    # host_role is at the top level, where LAVA writes it (in the block for sub-jobs an
+    # earlier lavacore split and queued).
+    host_role = data.get("host_role", block.get("host_role"))
+    return block.get("role"), host_role, bool(block.get("essential"))
 
 
 def queued_groups(storage):
@@ -307,8 +256,7 @@ def start_job(master, job, device):
     device_text = devices_mod.yaml_dump(config)
     messages = [devices_mod.StartMessage(job.worker, job.id, definition, device_text,
                                          dispatcher, env, env_dut)]
-    trimmed = devices_mod.yaml_dump(devices_mod.minimise_configuration(config,
-                                                                       device.hostname))
+    trimmed = devices_mod.yaml_dump(trimmed_configuration(config, device.hostname))
     for member, host_role in dynamic:
         if host_role != role_name or member.state >= JobState.CANCELING:
             continue
