@@ -8,7 +8,7 @@ tests/test_bench_smoke.py runs each one at its tiny size so they keep working.
 import importlib
 
 SCENARIO_MODULES = ("control_plane", "latency", "schedule_pass", "throughput", "log_ingest",
-                    "scale", "restart")
+                    "scale", "restart", "fuzz")
 
 
 def scenarios():

@@ -214,9 +214,19 @@ def cmd_jobs_logs(args, session):
         session.config.master.output_dir)), "output.yaml")
     position = 0
     pending = ""
+    inode = None
+    printed = skip = 0
     while True:
         try:
             with open(path, encoding="utf-8", errors="replace") as handle:
+                now = os.fstat(handle.fileno()).st_ino
+                if inode is not None and now != inode:
+                    # Replaced by the worker's copy after a master restart: go on from
+                    # the same line of the new file.
+                    print("(job %d: its log was replaced by the worker's copy; going on"
+                          " from line %d of it)" % (job.id, printed + 1), file=sys.stderr)
+                    position, pending, skip = 0, "", printed
+                inode = now
                 handle.seek(position)
                 chunk = handle.read()
                 position = handle.tell()
@@ -225,6 +235,10 @@ def cmd_jobs_logs(args, session):
         pending += chunk
         *lines, pending = pending.split("\n")
         for line in lines:
+            if skip:
+                skip -= 1
+                continue
+            printed += 1
             if line.startswith("- "):
                 line = line[2:]
             print(line if args.raw else _format_line(line), flush=True)

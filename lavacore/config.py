@@ -46,6 +46,14 @@ class MasterConfig:
     dispatchers: str = "etc/dispatcher.d"
     env: str = "etc/env.yaml"
     env_dut: str = "etc/env.dut.yaml"
+    # HELLO from a hostname the database does not know creates its worker record (LAVA's
+    # behaviour); false: such workers are refused, with a log line, and leave no state.
+    auto_register: bool = True
+    # Bounds on what workers send (bytes): one ZeroMQ frame on the worker socket, END's
+    # description once inflated, and the worker's copy of a job log once inflated.
+    max_message: int = 64 * 1024 * 1024
+    max_description: int = 8 * 1024 * 1024
+    max_log_copy: int = 1024 * 1024 * 1024
     # Where the master's own notification socket lives (CLI -> master wake-ups).
     notify: str = ""
     instance: str = "lavacore"
@@ -67,6 +75,13 @@ class SchedulerConfig:
 class ApiConfig:
     listen: str = "127.0.0.1:8000"
     enabled: bool = True
+    # Seconds from a request's first byte to the end of its headers (slow clients are cut
+    # off), and connections one client address may hold open at once.
+    header_timeout: float = 10
+    max_client_connections: int = 32
+    # Failed authentications one client address may make per minute; past that its
+    # requests with credentials get 429 for the rest of the minute.
+    max_auth_failures: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,9 +224,21 @@ def from_dict(raw, path="<memory>", base_dir=None):
     for key in ("ping_interval", "worker_timeout", "schedule_interval", "watchdog_interval"):
         if getattr(master, key) <= 0:
             raise ConfigError("[master] %s: must be positive" % key)
+    for key in ("max_message", "max_description", "max_log_copy"):
+        value = getattr(master, key)
+        if value != int(value) or value < 4096:
+            raise ConfigError("[master] %s: a whole number of bytes, at least 4096, got %r"
+                              % (key, value))
     storage = _table(StorageConfig, "storage", raw.get("storage"))
     scheduler = _table(SchedulerConfig, "scheduler", raw.get("scheduler"))
     api = _table(ApiConfig, "api", raw.get("api"))
+    if api.header_timeout <= 0:
+        raise ConfigError("[api] header_timeout: must be positive")
+    if api.max_client_connections < 1 or api.max_client_connections != int(
+            api.max_client_connections):
+        raise ConfigError("[api] max_client_connections: a whole number, at least 1")
+    if api.max_auth_failures < 1 or api.max_auth_failures != int(api.max_auth_failures):
+        raise ConfigError("[api] max_auth_failures: a whole number, at least 1")
     plugins = _table(PluginsConfig, "plugins", raw.get("plugins"))
     for key in ("modules", "disable"):
         for item in getattr(plugins, key):

@@ -7,15 +7,21 @@ device (quirk 6): it raises :class:`JobSetupError`, which fails only that job.
 
 import dataclasses
 import os
+import re
+import signal
+import threading
 
+import gevent
 import jinja2
+import jinja2.sandbox
 import yaml
 
+from . import safeyaml
+
 try:
-    _Loader = yaml.CSafeLoader
     _Dumper = yaml.CSafeDumper
 except AttributeError:  # pragma: no cover
-    _Loader, _Dumper = yaml.SafeLoader, yaml.SafeDumper
+    _Dumper = yaml.SafeDumper
 
 
 class JobSetupError(Exception):
@@ -45,16 +51,58 @@ class StartMessage:
 
 
 def yaml_load(text):
-    return yaml.load(text, Loader=_Loader)
+    """YAML of a device configuration, a job or a context: bounded (lavacore.safeyaml)."""
+    return safeyaml.load(text)
 
 
 def yaml_dump(data):
     return yaml.dump(data, Dumper=_Dumper, default_flow_style=False, sort_keys=False)
 
 
+# Template names are plain file names: no directory, no "..", nothing hidden.
+_TEMPLATE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,200}$")
+MAX_TEMPLATE = 1024 * 1024        # characters of one dictionary or type template
+MAX_OUTPUT = 4 * 1024 * 1024      # characters a rendering may produce
+MAX_REPEAT = 1024 * 1024          # length of a string or list made with "*"
+MAX_POWER = 4096                  # bits of a number made with "**"
+RENDER_SECONDS = 2.0              # CPU a rendering may take before it is stopped
+
+
+class RenderTimeout(Exception):
+    pass
+
+
+class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """jinja2's immutable sandbox (no attribute starting with "_", no method that changes
+    a list or a dict, ranges of at most 100,000) with the operators that make large
+    objects from small texts bounded too. LAVA's templates use plain jinja2 and render
+    the same in it."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):
+        if operator == "*":
+            for count, other in ((left, right), (right, left)):
+                if isinstance(other, (str, bytes, list, tuple)) and isinstance(count, int) \
+                        and count * len(other) > MAX_REPEAT:
+                    raise jinja2.sandbox.SecurityError(
+                        "a repetition of more than %d items" % MAX_REPEAT)
+            return left * right
+        if operator == "**":
+            if isinstance(left, int) and isinstance(right, int) and right > 0 and \
+                    right * max(abs(left), 2).bit_length() > MAX_POWER:
+                raise jinja2.sandbox.SecurityError("a power of more than %d bits" % MAX_POWER)
+            return left ** right
+        return super().call_binop(context, operator, left, right)
+
+
 class DeviceTemplates:
     """Renders device dictionaries. Dictionaries and type templates set through the API
-    (kept in the database) win over the files under ``dispatcher_config``."""
+    (kept in the database) win over the files under ``dispatcher_config``.
+
+    Anyone allowed to set a dictionary writes template code that the master runs: it
+    runs in a sandbox (:class:`Sandbox`), template names cannot leave the two template
+    directories, and a rendering is bounded in size and CPU time."""
 
     def __init__(self, dispatcher_config, storage=None):
         self.root = dispatcher_config
@@ -62,6 +110,8 @@ class DeviceTemplates:
         self._env = None
 
     def _source(self, name):
+        if not _TEMPLATE_NAME.match(name) or ".." in name:
+            return None  # TemplateNotFound: nothing outside the template directories
         kind, _, base = None, None, name
         if name.endswith(".jinja2"):
             base = name[: -len(".jinja2")]
@@ -69,32 +119,42 @@ class DeviceTemplates:
             if self.storage is not None:
                 text = self.storage.get_blob(kind, base)
                 if text is not None:
-                    return text, None, lambda: False
+                    return _bounded(text, name), None, lambda: False
             path = os.path.join(self.root, directory, name)
             try:
                 with open(path, encoding="utf-8") as handle:
-                    text = handle.read()
+                    text = handle.read(MAX_TEMPLATE + 1)
             except FileNotFoundError:
                 continue
-            except OSError as exc:
-                raise JobSetupError("cannot read %s: %s" % (path, exc.strerror)) from None
+            except (OSError, UnicodeDecodeError) as exc:
+                raise JobSetupError("cannot read %s: %s" % (path, getattr(exc, "strerror",
+                                                                           None) or exc)) \
+                    from None
             mtime = os.path.getmtime(path)
-            return text, path, lambda p=path, m=mtime: os.path.exists(p) and \
-                os.path.getmtime(p) == m
+            return _bounded(text, name), path, lambda p=path, m=mtime: \
+                os.path.exists(p) and os.path.getmtime(p) == m
         return None
 
     def environment(self):
         if self._env is None:
             # cache_size=-1: a lab has more devices than jinja2's default 400 templates,
             # and recompiling a dictionary at every START costs more than keeping it.
-            self._env = jinja2.Environment(loader=jinja2.FunctionLoader(self._source),
-                                           trim_blocks=True, autoescape=False,
-                                           undefined=jinja2.Undefined, cache_size=-1)
+            self._env = Sandbox(loader=jinja2.FunctionLoader(self._source),
+                                trim_blocks=True, autoescape=False,
+                                undefined=jinja2.Undefined, cache_size=-1)
         return self._env
 
     def reload(self):
         """Forget cached templates (SIGHUP, or a dictionary set through the API)."""
         self._env = None
+
+    def check_syntax(self, text):
+        """Raise jinja2.TemplateSyntaxError (with its line) if ``text`` does not parse."""
+        _bounded(text, "template")
+        try:
+            self.environment().parse(text)
+        except (RecursionError, MemoryError):
+            raise jinja2.TemplateSyntaxError("nested too deep", 1) from None
 
     def dictionary(self, hostname):
         found = self._source(hostname + ".jinja2")
@@ -107,7 +167,7 @@ class DeviceTemplates:
             return None
         try:
             ast = self.environment().parse(text)
-        except jinja2.TemplateSyntaxError:
+        except (jinja2.TemplateSyntaxError, RecursionError, MemoryError):
             return None
         for node in ast.find_all(jinja2.nodes.Extends):
             if isinstance(node.template, jinja2.nodes.Const):
@@ -119,7 +179,7 @@ class DeviceTemplates:
         where = "device dictionary %s.jinja2" % hostname
         try:
             template = self.environment().get_template(hostname + ".jinja2")
-            text = template.render(**(context or {}))
+            text = _render(template, context or {})
         except jinja2.TemplateNotFound as exc:
             if exc.name == hostname + ".jinja2":
                 raise JobSetupError("%s: not found under %s/devices"
@@ -132,15 +192,63 @@ class DeviceTemplates:
             raise JobSetupError("%s: %s" % (where, exc)) from None
         except TypeError as exc:  # context keys that are not valid keyword names
             raise JobSetupError("%s: bad job context: %s" % (where, exc)) from None
+        except RenderTimeout:
+            raise JobSetupError("%s: rendering took more than %g s of CPU; stopped"
+                                % (where, RENDER_SECONDS)) from None
+        except (RecursionError, MemoryError, OverflowError, ValueError, ArithmeticError) \
+                as exc:
+            raise JobSetupError("%s: %s: %s" % (where, type(exc).__name__, exc)) from None
         try:
             data = yaml_load(text)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, safeyaml.InputError) as exc:
             raise JobSetupError("%s: rendered YAML is invalid: %s"
                                 % (where, " ".join(str(exc).split()))) from None
         if not isinstance(data, dict):
             raise JobSetupError("%s: rendered to %s, not a mapping"
                                 % (where, type(data).__name__))
         return data
+
+
+def _bounded(text, name):
+    if len(text) > MAX_TEMPLATE:
+        raise jinja2.TemplateSyntaxError("%s is larger than %d characters"
+                                         % (name, MAX_TEMPLATE), 1)
+    return text
+
+
+def _render(template, context):
+    """template.render(context), stopped past MAX_OUTPUT characters or RENDER_SECONDS
+    of CPU. The CPU bound is a timer signal: a loop of the template's own never yields
+    to gevent, and the handler interrupts it where Python checks for signals."""
+    if threading.current_thread() is not threading.main_thread():
+        return _generate(template, context)  # signals reach the main thread only
+    me = gevent.getcurrent()
+    state = {"active": True}
+
+    def expired(signum, frame):
+        if state["active"] and gevent.getcurrent() is me:
+            raise RenderTimeout()
+        if state["active"]:  # the rendering waits for a template (a database read)
+            signal.setitimer(signal.ITIMER_PROF, 0.05)
+
+    previous = signal.signal(signal.SIGPROF, expired)
+    signal.setitimer(signal.ITIMER_PROF, RENDER_SECONDS)
+    try:
+        return _generate(template, context)
+    finally:
+        state["active"] = False
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
+
+
+def _generate(template, context):
+    chunks, size = [], 0
+    for chunk in template.generate(**context):
+        size += len(chunk)
+        if size > MAX_OUTPUT:
+            raise jinja2.TemplateRuntimeError("renders more than %d characters" % MAX_OUTPUT)
+        chunks.append(chunk)
+    return "".join(chunks)
 
 
 def load_optional_yaml(paths, what):
@@ -161,7 +269,7 @@ def load_optional_yaml(paths, what):
             raise JobSetupError("cannot open %s %s: %s" % (what, path, exc)) from None
         try:
             yaml_load(text)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, safeyaml.InputError) as exc:
             raise JobSetupError("cannot open %s %s: invalid YAML: %s"
                                 % (what, path, " ".join(str(exc).split()))) from None
         return text
@@ -185,19 +293,3 @@ def worker_files(config, worker, storage=None):
         texts.append(load_optional_yaml([os.path.join(root, worker, name), fallback],
                                         name.replace(".yaml", "")))
     return tuple(texts)
-
-
-def minimise_configuration(data, parent_hostname):
-    """The trimmed device configuration a dynamic connection runs with (spec section 8)."""
-    constants = dict(data.get("constants") or {})
-    constants["kernel-start-message"] = ""
-    actions = data.get("actions") or {}
-    return {
-        "hostname": parent_hostname,
-        "constants": constants,
-        "timeouts": data.get("timeouts") or {},
-        "actions": {
-            "deploy": {"methods": (actions.get("deploy") or {}).get("methods")},
-            "boot": {"methods": (actions.get("boot") or {}).get("methods")},
-        },
-    }

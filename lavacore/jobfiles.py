@@ -34,7 +34,8 @@ MADE_DIRECTORIES = 1000  # directories each thread remembers having made
 
 class FileThread:
     """Calls made in order by one native thread; each call's ``then(result, error)`` runs
-    afterwards in the loop (in a greenlet). ``error`` is the OSError the call raised."""
+    afterwards in the loop (in a greenlet). ``error`` is the OSError (or ValueError) the
+    call raised."""
 
     def __init__(self, name):
         self.name = name
@@ -90,7 +91,7 @@ class FileThread:
                 return
             try:
                 self._done.append((then, fn(*args), None))
-            except OSError as exc:
+            except (OSError, ValueError) as exc:  # ValueError: data that did not decode
                 self._done.append((then, None, exc))
             if then is not None:
                 try:
@@ -134,6 +135,7 @@ class JobFiles:
         self.writer = FileThread("job files")     # START's files
         self.ender = FileThread("end files")      # description.yaml, which END_OK awaits
         self.opener = FileThread("log files")     # output.yaml
+        self.replayer = FileThread("log copies")  # output.yaml from a worker's copy
 
     def directory(self, job):
         return job.output_dir(self.root)
@@ -159,8 +161,26 @@ class JobFiles:
 
     def write_end(self, job, description, then):
         """END's description.yaml, on a thread of its own: END_OK waits for it, and must
-        not wait behind the START files of every job started since."""
-        self.write(job, {"description.yaml": description}, then, thread=self.ender)
+        not wait behind the START files of every job started since. ``then(error)`` runs
+        in the loop: error is None once the file is written, else the OSError (a full
+        disk), and END_OK must then wait for the worker's next END."""
+        directory = self.directory(job)
+        pending = self._pending.setdefault(directory, {})
+        pending["description.yaml"] = description
+
+        def done(result, error, text=description):
+            self._written(directory, "description.yaml", text, error)
+            then(error)
+
+        self.ender.call(_write_file, (directory, "description.yaml", description,
+                                      self.ender.made), done)
+
+    def replace_log(self, job, blob, limit, then):
+        """Replace ``job``'s output.yaml with the worker's copy of its log (``blob``: lzma
+        data, inflated at most to ``limit`` bytes), off the loop, on a thread of its own.
+        ``then(result, error)`` in the loop: result is (lines, results lines as text)."""
+        self.replayer.call(_replace_log, (os.path.join(self.directory(job), LOG_FILE), blob,
+                                          limit, self.replayer.made), then)
 
     def write_start(self, job, message_files):
         """START's files, in the order that makes job.yaml the proof of a complete set;
@@ -172,8 +192,8 @@ class JobFiles:
 
     def open_log(self, path, then):
         """Open ``path`` for appending (directories made as needed) in the log thread;
-        ``then(handle, error)`` in the loop."""
-        self.opener.call(open_append, (path, self.opener.made), then)
+        ``then((fd, size, lines), error)`` in the loop (see :func:`open_log`)."""
+        self.opener.call(open_log, (path, self.opener.made), then)
 
     def read(self, job, name):
         """The text of ``name`` for ``job`` (queued or on disk); None when it has none."""
@@ -200,13 +220,15 @@ class JobFiles:
     def flush(self, timeout=None):
         """Wait until everything queued is done; False on timeout."""
         with gevent.Timeout(timeout, False):
-            return self.writer.flush() and self.ender.flush() and self.opener.flush()
+            return (self.writer.flush() and self.ender.flush() and self.opener.flush()
+                    and self.replayer.flush())
         return False
 
     def close(self, timeout=60):
         """Finish what is queued: the log files first (their lines exist nowhere else),
         then START's and END's files."""
         self.opener.close(timeout)
+        self.replayer.close(timeout)
         self.ender.close(timeout)
         self.writer.close(timeout)
 
@@ -242,6 +264,79 @@ def _create(path, mode, made):
             raise
         _makedirs(directory, made)
         return open(path, mode, encoding="utf-8")
+
+
+def open_log(path, made=None):
+    """A job log opened for appending: (fd, size, complete lines). A last line without its
+    newline (the master was killed while writing it) is cut off, so the file holds whole
+    lines only; the line counts as not received, and comes back with the worker's copy."""
+    directory = os.path.dirname(path)
+    _makedirs(directory, made)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except FileNotFoundError:
+        if made is None or made.pop(directory, None) is None:
+            raise
+        _makedirs(directory, made)
+        fd = os.open(path, flags, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        lines = 0
+        if size:
+            size, lines = _whole_lines(path, size)
+            os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size, lines
+
+
+def _whole_lines(path, size):
+    """(bytes up to the end of the last complete line, complete lines) of a file."""
+    lines = 0
+    end = 0
+    offset = 0
+    with open(path, "rb") as handle:
+        while offset < size:
+            block = handle.read(min(1 << 20, size - offset))
+            if not block:
+                break
+            lines += block.count(b"\n")
+            last = block.rfind(b"\n")
+            if last >= 0:
+                end = offset + last + 1
+            offset += len(block)
+    return end, lines
+
+
+def _replace_log(path, blob, limit, made):
+    """In a file thread: write the inflated ``blob`` as the new ``path`` (through a
+    temporary file and a rename, so a reader or a crash sees the old or the new log),
+    returning (lines, [the lines that may be results, as text])."""
+    from . import protocol
+
+    _makedirs(os.path.dirname(path), made)
+    temporary = path + ".replay"
+    results = []
+    tail = [b""]
+
+    with open(temporary, "wb") as handle:
+        def sink(chunk):
+            data = tail[0] + chunk
+            cut = data.rfind(b"\n") + 1
+            for line in data[:cut].splitlines():
+                if b"results" in line:
+                    line = line[2:] if line.startswith(b"- ") else line
+                    results.append(line.decode("utf-8", errors="replace"))
+            tail[0] = data[cut:]
+            handle.write(data[:cut])
+
+        protocol.inflate(blob, limit, "the worker's copy of the log", sink)
+    # A last line without its newline was being written when the runner died: dropped.
+    _, lines = _whole_lines(temporary, os.path.getsize(temporary))
+    os.replace(temporary, path)
+    return lines, results
 
 
 def _touch(path, made):

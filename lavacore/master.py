@@ -62,6 +62,7 @@ class Master:
         self.health_check_cache = {}  # job id -> finished health-check Job (lavacore/health.py)
         self.local_worker = None
         self.files = None
+        self._storage_fault = None  # when the storage last stopped working, or None
 
     @property
     def hook(self):
@@ -262,13 +263,18 @@ class Master:
         """A change made by another process (see Storage.publish_event)."""
         kind = payload.get("kind")
         data = payload.get("data") or {}
+        username = payload.get("username")
+        if not isinstance(kind, str) or not isinstance(data, dict) or \
+                not isinstance(username, (str, type(None))):
+            raise ValueError("a notification needs kind, data and username of the right"
+                             " types")
         try:
             if kind in ("testjob", "device", "worker", "event"):
-                self.events.publish(kind, data, payload.get("username"))
+                self.events.publish(kind, data, username)
             else:
                 self.on_event(kind, data)
         except StorageError as exc:
-            log.error("cannot act on a %s notification now: %s", kind, exc)
+            self.storage_fault("acting on a %s notification" % kind[:40], exc)
 
     def workers_online(self, hostnames):
         """Workers came Online: START and CANCEL again for their jobs, and a pass."""
@@ -276,8 +282,8 @@ class Master:
             self.resend_starts(worker=hostnames)
             self.resend_cancels(worker=hostnames)
         except StorageError as exc:
-            log.error("worker(s) %s: cannot resend START/CANCEL now: %s",
-                      ", ".join(hostnames[:5]) + (", ..." if len(hostnames) > 5 else ""), exc)
+            self.storage_fault("resending START/CANCEL to worker(s) %s" % (
+                ", ".join(hostnames[:5]) + (", ..." if len(hostnames) > 5 else "")), exc)
         self.scheduler.wake()
 
     # -- scheduling and starting --------------------------------------------------------
@@ -312,7 +318,7 @@ class Master:
                     gevent.sleep(0)
             return [job.id for job, _ in placed]
         except StorageError as exc:
-            log.error("scheduling pass failed: %s", exc)
+            self.storage_fault("a scheduling pass", exc)
             return []
 
     def full_pass(self):
@@ -321,7 +327,7 @@ class Master:
             self.resend_starts()
             self.resend_cancels()
         except StorageError as exc:
-            log.error("resend pass failed: %s", exc)
+            self.storage_fault("resending START and CANCEL", exc)
 
     def start_job(self, job, device):
         """Build the START messages (hook), keep their files, send them. A job whose files
@@ -332,8 +338,7 @@ class Master:
             self.fail_job_setup(job, str(exc))
             return
         except StorageError as exc:  # the database, not the job: START is resent later
-            log.error("[job %d] START not sent now: %s; resent by the next full pass",
-                      job.id, exc)
+            self.storage_fault("START of job %d, resent by the next full pass" % job.id, exc)
             return
         except Exception as exc:  # a plugin bug must not leave the job Scheduled forever
             log.exception("[job %d] preparing START failed", job.id)
@@ -363,8 +368,8 @@ class Master:
     def resend_starts(self, worker=None):
         """START again for jobs still Scheduled, from the files kept at the first START."""
         for job in self.storage.list_jobs(state=JobState.SCHEDULED, worker=worker):
-            if job.worker not in self.controller.seen:
-                continue
+            if job.worker not in self.controller.seen or job.end_seen is not None:
+                continue  # (an END implies the job ran: never START it again)
             texts = self.files.start_texts(job)
             if texts is None:
                 device = self.storage.get_device(job.actual_device) if job.actual_device \
@@ -392,21 +397,66 @@ class Master:
 
     # -- results and the end of jobs ----------------------------------------------------
 
-    def job_result(self, case):
-        """The lava/job result arrived on the log stream."""
-        metadata = _metadata(case.metadata)
-        error_type = metadata.get("error_type")
-        error_msg = metadata.get("error_msg")
+    def store_results(self, cases, results):
+        """A batch of test cases from the log stream and the lava/job results among them,
+        stored in one transaction (so a crash never keeps a case without its result, or
+        the reverse); then jobs whose END came first are finished."""
+        settle = []
+        with self.storage.transaction():
+            self.storage.add_testcases(cases)
+            for case in results:
+                job = self._record_result(case)
+                if job is not None and job.end_seen is not None:
+                    settle.append(job.id)
+        self._settle(settle)
+
+    def replace_results(self, job_id, cases):
+        """The test cases of a job taken again from the worker's copy of its log: they
+        replace those stored, and its lava/job result is the copy's, in one transaction."""
+        with self.storage.transaction():
+            self.storage.replace_testcases(job_id, cases)
+            for case in cases:
+                if case.suite == "lava" and case.name == "job":
+                    self._record_result(case)
+
+    def _record_result(self, case):
         try:
             job = self.storage.get_job(case.job_id)
         except NotFound:
-            return
+            return None
         if job.state == JobState.FINISHED:
-            return
-        self.flow.record_result(job.id, case.result, error_type, error_msg)
-        if job.end_seen is not None:
-            job = self.storage.get_job(job.id)
-            self.finish_from_result(job, job.failure_comment)
+            return None
+        metadata = _metadata(case.metadata)
+        self.flow.record_result(job.id, case.result, _text(metadata.get("error_type")),
+                                _text(metadata.get("error_msg")))
+        return job
+
+    def _settle(self, job_ids):
+        for job_id in job_ids:
+            try:
+                job = self.storage.get_job(job_id)
+            except NotFound:
+                continue
+            if job.state != JobState.FINISHED and job.result is not None:
+                self.finish_from_result(job, job.failure_comment)
+
+    def storage_fault(self, what, exc):
+        """A storage error while doing ``what``. The first since the storage last worked
+        is logged; the next ones go to DEBUG until it works again (``storage_works``),
+        so an outage is one line, not one per message."""
+        if self._storage_fault is None:
+            self._storage_fault = self.clock.monotonic()
+            log.error("storage unavailable (%s): %s; what cannot be stored is held and"
+                      " retried, workers resend the rest", what, exc)
+        else:
+            log.debug("storage still unavailable (%s): %s", what, exc)
+
+    def storage_works(self):
+        """A write went through (a read says nothing: on a full disk reads still work)."""
+        if self._storage_fault is not None:
+            log.warning("storage available again after %.1f s",
+                        self.clock.monotonic() - self._storage_fault)
+            self._storage_fault = None
 
     def finish_from_result(self, job, comment=None):
         self._cancel_result_timer(job.id)
@@ -442,7 +492,7 @@ class Master:
                 return
             job = self.storage.get_job(job_id)
         except StorageError as exc:
-            log.error("[job %d] cannot settle its result now: %s", job_id, exc)
+            self.storage_fault("settling the result of job %d" % job_id, exc)
             self.watch_result(job_id)
             return
         if job.state == JobState.FINISHED:
@@ -472,12 +522,14 @@ class Master:
                     log.error("worker %s: cannot mark Offline: %s", hostname, exc)
         wall = self.clock.time()
         try:
-            for job in self.storage.jobs_awaiting_result():
-                if wall - job.end_seen > self.config.master.result_grace and \
-                        job.id not in self._result_timers:
-                    self._result_overdue(job.id)
+            awaiting = self.storage.jobs_awaiting_result()
         except StorageError as exc:
-            log.error("liveness check failed: %s", exc)
+            self.storage_fault("liveness check", exc)
+            return
+        for job in awaiting:
+            if wall - job.end_seen > self.config.master.result_grace and \
+                    job.id not in self._result_timers:
+                self._result_overdue(job.id)
 
 
 def _connectable(endpoint):
@@ -496,6 +548,10 @@ def _json(text):
     import json
 
     return json.dumps(text)
+
+
+def _text(value, limit=65536):
+    return None if value is None else str(value)[:limit]
 
 
 def _metadata(text):

@@ -7,6 +7,7 @@ so a malformed message becomes a :class:`ProtocolError` naming what was wrong, n
 IndexError deep inside a service.
 """
 
+import collections
 import lzma
 import re
 
@@ -31,6 +32,12 @@ END_OK = "END_OK"
 # can always be printed safely in a log line.
 HOSTNAME_RE = re.compile(r"^[-_a-zA-Z0-9.]+$")
 MAX_HOSTNAME = 255
+# Job ids are stored as 64-bit signed integers (SQLite INTEGER, PostgreSQL BIGINT): a
+# larger one can name no job, and binding it would raise OverflowError deep in a service.
+MAX_JOB_ID = 2 ** 63 - 1
+# END's description is inflated at most to this size unless the caller says otherwise.
+DESCRIPTION_LIMIT = 8 * 1024 * 1024
+INFLATE_CHUNK = 1024 * 1024
 
 
 class ProtocolError(ValueError):
@@ -46,9 +53,17 @@ def _text(frame, what):
 
 def _int(frame, what):
     text = _text(frame, what)
-    if not text.isascii() or not text.isdigit() or len(text) > 18:
+    if not text.isascii() or not text.isdigit() or len(text) > 19:
         raise ProtocolError("%s is not a decimal integer: %r" % (what, text[:40]))
     return int(text)
+
+
+def job_id(frame, what="job id"):
+    """A job id frame (decimal ASCII) as an int within what storage holds."""
+    value = _int(frame, what)
+    if not 0 < value <= MAX_JOB_ID:
+        raise ProtocolError("%s out of range: %d" % (what, value))
+    return value
 
 
 def peer_name(frame):
@@ -67,6 +82,26 @@ def check_hostname(name):
         raise ProtocolError("invalid hostname %r (allowed: letters, digits, '-', '_', '.')"
                             % name[:64])
     return name
+
+
+class LogInfo(collections.namedtuple("LogInfo", "lines results")):
+    """What lavacore's worker adds to END (frame 4, which LAVA's master never reads): how
+    many log lines, and of them results lines, its runner sent for the job. The master
+    compares with what it stored; when they differ it waits for the runner's whole log,
+    which the worker attaches (frame 5, lzma) to every END it has to send again."""
+
+    def encode(self):
+        return b"log-lines=%d results=%d" % (self.lines, self.results)
+
+
+_LOG_INFO = re.compile(rb"^log-lines=(\d{1,12}) results=(\d{1,12})$")
+
+
+def _log_info(frame):
+    found = _LOG_INFO.match(bytes(frame))
+    if found is None:
+        return None  # not ours (or empty): the END is taken as lava-slave's
+    return LogInfo(int(found.group(1)), int(found.group(2)))
 
 
 class Message:
@@ -88,17 +123,29 @@ class Message:
 # action -> (minimum frames after the action, decoder of those frames). Extra trailing
 # frames are ignored as LAVA's master did (2020.04+ slaves append their version to HELLO).
 def _decode_hello(frames):
+    # LAVA 2020.04+ slaves add their version; lavacore's worker then adds an instance
+    # token, new at each start, which tells a restart from a second worker of that name.
     return (_int(frames[0], "protocol version"),
-            _text(frames[1], "worker version") if len(frames) > 1 else None)
+            _short(frames[1], "worker version") if len(frames) > 1 else None,
+            _short(frames[2], "worker instance") if len(frames) > 2 else None)
+
+
+def _short(frame, what, limit=200):
+    text = _text(frame, what)
+    if len(text) > limit or not text.isprintable():
+        raise ProtocolError("%s is not a short printable text" % what)
+    return text
 
 
 def _decode_job(frames):
-    return (_int(frames[0], "job id"),)
+    return (job_id(frames[0]),)
 
 
 def _decode_end(frames):
     errors = bytes(frames[1]).decode("utf-8", errors="replace")
-    return (_int(frames[0], "job id"), errors, bytes(frames[2]))
+    return (job_id(frames[0]), errors, bytes(frames[2]),
+            _log_info(frames[3]) if len(frames) > 3 else None,
+            bytes(frames[4]) if len(frames) > 4 and frames[4] else None)
 
 
 def _decode_none(frames):
@@ -110,10 +157,9 @@ def _decode_pong(frames):
 
 
 def _decode_start(frames):
-    job_id = _int(frames[0], "job id")
     texts = [_text(f, name) for f, name in zip(
         frames[1:], ("definition", "device", "dispatcher", "env", "env_dut"))]
-    return (job_id, *texts)
+    return (job_id(frames[0]), *texts)
 
 
 FROM_WORKER = {
@@ -172,10 +218,12 @@ def _b(value):
 
 
 # Encoders return the frames after the routing identity.
-def hello(retry=False, version=None):
+def hello(retry=False, version=None, instance=None):
     frames = [_b(HELLO_RETRY if retry else HELLO), _b(PROTOCOL_VERSION)]
-    if version is not None:
-        frames.append(_b(version))
+    if version is not None or instance is not None:
+        frames.append(_b(version or ""))
+    if instance is not None:
+        frames.append(_b(instance))
     return frames
 
 
@@ -187,8 +235,13 @@ def start_ok(job_id):
     return [b"START_OK", _b(job_id)]
 
 
-def end(job_id, errors, description):
-    return [b"END", _b(job_id), _b(errors), _b(description)]
+def end(job_id, errors, description, log_info=None, log_copy=None):
+    frames = [b"END", _b(job_id), _b(errors), _b(description)]
+    if log_info is not None:
+        frames.append(log_info.encode())
+        if log_copy:
+            frames.append(log_copy)
+    return frames
 
 
 def hello_ok():
@@ -221,9 +274,47 @@ def compress_description(text):
     return lzma.compress(_b(text))
 
 
-def decompress_description(data):
-    """Inverse of :func:`compress_description`; raises ProtocolError on corrupt data."""
-    try:
-        return lzma.decompress(data).decode("utf-8", errors="replace")
-    except (lzma.LZMAError, EOFError) as exc:
-        raise ProtocolError("END description is not valid lzma data: %s" % exc) from None
+class TooLarge(ProtocolError):
+    """Compressed data that inflates beyond the limit it was read with."""
+
+
+def inflate(data, limit, what="data", sink=None):
+    """lzma data (one or more concatenated .xz streams, as lzma.decompress reads) inflated
+    as a stream: never more than ``limit`` bytes, whatever the data claims. Returns the
+    bytes, or, with ``sink`` (a callable taking each chunk), their count. TooLarge past the
+    limit; ProtocolError for corrupt or truncated data."""
+    data = bytes(data)
+    chunks = []
+    size = 0
+    while data:
+        inflater = lzma.LZMADecompressor()
+        pending = data
+        while True:
+            try:
+                chunk = inflater.decompress(pending, max_length=min(INFLATE_CHUNK,
+                                                                    limit - size + 1))
+            except lzma.LZMAError as exc:
+                raise ProtocolError("%s is not valid lzma data: %s" % (what, exc)) from None
+            pending = b""
+            size += len(chunk)
+            if size > limit:
+                raise TooLarge("%s inflates to more than %d bytes" % (what, limit))
+            if chunk:
+                if sink is not None:
+                    sink(chunk)
+                else:
+                    chunks.append(chunk)
+            if inflater.eof:
+                data = inflater.unused_data
+                break
+            if inflater.needs_input:
+                raise ProtocolError("%s is truncated lzma data" % what)
+        if data and not data.lstrip(b"\0"):
+            break  # stream padding after the last stream, as the xz format allows
+    return size if sink is not None else b"".join(chunks)
+
+
+def decompress_description(data, limit=DESCRIPTION_LIMIT):
+    """Inverse of :func:`compress_description`, inflated at most to ``limit`` bytes;
+    raises TooLarge beyond it, ProtocolError on corrupt data."""
+    return inflate(data, limit, "END description").decode("utf-8", errors="replace")

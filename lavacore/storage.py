@@ -20,6 +20,7 @@ from .models import Device, DeviceType, Job, TestCase, Worker
 from .states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 
 SCHEMA_VERSION = 2
+MAX_JOB_ID = 2 ** 63 - 1
 ALIVE_CHUNK = 500  # hostnames per statement in workers_alive
 
 
@@ -373,7 +374,11 @@ class SQLStorage:
         return ids
 
     def get_job(self, job_id, lock=False):
-        return self._get(JOBS, int(job_id), lock)
+        job_id = int(job_id)
+        if not 0 < job_id <= MAX_JOB_ID:
+            # Not a value either engine can hold: no such job (never OverflowError).
+            raise NotFound("job %d does not exist" % job_id)
+        return self._get(JOBS, job_id, lock)
 
     def list_jobs(self, limit=None, offset=0, order="id", **filters):
         if order not in ("id", "-id", "submit_time", "-submit_time", "end_time", "-end_time"):
@@ -454,6 +459,12 @@ class SQLStorage:
             conn.cursor().executemany(statement, [
                 (c.job_id, c.suite, c.name, c.result, c.measurement, c.units, c.metadata,
                  c.logged) for c in cases])
+
+    def replace_testcases(self, job_id, cases):
+        """The test cases of ``job_id`` become ``cases``, in one transaction."""
+        with self.transaction():
+            self._execute("DELETE FROM testcases WHERE job_id = ?", (int(job_id),))
+            self.add_testcases(cases)
 
     def list_testcases(self, job_id, suite=None):
         return self._list(TESTCASES, "id", job_id=int(job_id), suite=suite)

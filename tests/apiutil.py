@@ -22,17 +22,20 @@ import pytest
 from conftest import Lab, write_config
 from lavacore import tokens
 
-API_ON = '[api]\nenabled = true\nlisten = "127.0.0.1:0"'
+# Tests try many wrong credentials from one address on purpose: throttling has its own test.
+API_ON = '[api]\nenabled = true\nlisten = "127.0.0.1:0"\nmax_auth_failures = 1000'
 
 
-def api_config(tmp_path, **kwargs):
-    """write_config with the API enabled on an OS-chosen port of 127.0.0.1."""
+def api_config(tmp_path, api=None, **kwargs):
+    """write_config with the API enabled on an OS-chosen port of 127.0.0.1 (``api``: more
+    keys of its table, as TOML text)."""
     path = write_config(tmp_path, **kwargs)
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     assert "[api]\nenabled = false" in text
+    table = API_ON if api is None else API_ON.split("\nmax_auth_failures")[0] + "\n" + api
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text.replace("[api]\nenabled = false", API_ON))
+        handle.write(text.replace("[api]\nenabled = false", table))
     return path
 
 

@@ -74,7 +74,11 @@ def write_config(tmp_path, devices=(("qemu01", "qemu", "worker1", ()),), master=
     settings.update(master or {})
     lines = ["[master]"]
     for key, value in settings.items():
-        lines.append("%s = %s" % (key, '"%s"' % value if isinstance(value, str) else value))
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, str):
+            value = '"%s"' % value
+        lines.append("%s = %s" % (key, value))
     lines.append("[storage]")
     lines.extend(storage or ['backend = "sqlite"', 'url = "var/lavacore.db"'])
     lines.append("[api]\nenabled = false")
@@ -129,6 +133,26 @@ class Lab:
             if gevent.get_hub().loop.now() > deadline:
                 raise AssertionError("timed out waiting for %s" % what)
             gevent.sleep(0.005)
+
+    def settled(self, worker, resent=()):
+        """What a "nothing happens for 0.3 s" window meant, without the window: once the
+        scheduler is idle, a scheduling pass of our own (synchronous: what it sends is
+        sent when it returns), then a PING: anything the master sent this worker is ahead
+        of the PONG on its connection. Fails on any message but START, CANCEL or STATUS
+        resent for the jobs in ``resent``."""
+        self.wait_for(self.master.scheduler.idle, timeout=10, what="an idle scheduler")
+        self.master.schedule_pass()
+        worker.send("PING")
+        while True:
+            frames = worker.recv(10)
+            if frames[0] == b"PONG":
+                return
+            if frames[0] == b"HELLO_OK":
+                continue
+            if frames[0] in (b"START", b"CANCEL", b"STATUS") and int(frames[1]) in resent:
+                continue
+            raise AssertionError("%s: unexpected %r from the master" % (worker.hostname,
+                                                                        frames[:2]))
 
     def close(self):
         for worker in self.workers:

@@ -64,13 +64,11 @@ class ScriptedWorker:
                 raise AssertionError("%s: expected %s, got %r" % (self.hostname, action,
                                                                    frames[:2]))
 
-    def nothing(self, timeout=0.3):
-        """Assert the master sends nothing for ``timeout`` seconds."""
-        try:
-            frames = self.recv(timeout)
-        except AssertionError:
-            return
-        raise AssertionError("unexpected message from the master: %r" % frames[:2])
+    def no_reply(self):
+        """Assert nothing from the master is waiting now. Use it once something observable
+        (a log line, a state) shows the master handled what this worker sent."""
+        if self.held or self.sock.poll(0):
+            raise AssertionError("unexpected message from the master: %r" % self.recv()[:2])
 
     def connect(self):
         """HELLO until HELLO_OK, as lava-slave bootstraps."""

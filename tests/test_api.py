@@ -328,7 +328,7 @@ def test_admin_changes_take_effect_at_once(api):
     assert lab.storage.get_worker("worker1").health == WorkerHealth.MAINTENANCE
     assert lab.storage.get_device("qemu02").health == DeviceHealth.MAINTENANCE
     held = alice.scheduler.jobs.submit(job_yaml())
-    worker.nothing(0.3)
+    lab.settled(worker)
     assert lab.job(held).state == JobState.SUBMITTED
     alice.scheduler.workers.update("worker1", None, "ACTIVE")
     alice.scheduler.devices.update("qemu02", None, None, None, None, "GOOD", None)

@@ -223,7 +223,8 @@ def test_revoked_key_ends_the_established_session(curve_lab, keys, caplog):
     lab.wait_for(lambda: "worker1" not in auth_of(lab).keys.by_name, timeout=3,
                  what="the poll to see the removal")
     worker.send("PING")  # same TCP connection, handshake long done: still refused
-    worker.nothing(0.5)
+    lab.wait_for(lambda: "refused its traffic" in warnings(caplog), what="the refusal")
+    worker.no_reply()
     text = warnings(caplog)
     assert "worker worker1: refused its traffic from key %s: revoked key (worker1.key " \
         "removed from" % load_certificate(keys.public("worker1"))[0].decode() in text
@@ -235,14 +236,15 @@ def test_revoked_key_ends_the_established_session(curve_lab, keys, caplog):
 
 
 @pytest.mark.timeout(30)
-def test_sighup_reloads_at_once(curve_lab, keys):
+def test_sighup_reloads_at_once(curve_lab, keys, caplog):
     lab = curve_lab(poll=60)  # the poll would take a minute: SIGHUP's reload() does not wait
     worker = curve_worker(lab, keys, "worker1")
     assert greeted(worker)
     os.unlink(keys.workers / "worker1.key")
     lab.master.reload()  # what the master's SIGHUP handler calls
     worker.send("PING")
-    worker.nothing(0.3)
+    lab.wait_for(lambda: "refused its traffic" in warnings(caplog), what="the refusal")
+    worker.no_reply()
     shutil.copy(keys.public("worker1"), keys.workers)
     lab.master.reload()
     worker.send("PING")
@@ -298,11 +300,11 @@ def test_real_master_revoke_command_and_sighup(tmp_path, keys, master_process):
             assert time.monotonic() < deadline, master.log_text()
             gevent.sleep(0.02)
         worker.send("PING")
-        worker.nothing(0.3)
         deadline = time.monotonic() + 10
         while "revoked key (worker1.key removed" not in master.log_text():
             assert time.monotonic() < deadline, master.log_text()
             gevent.sleep(0.02)
+        worker.no_reply()
         worker.close()
     finally:
         context.destroy(linger=0)
@@ -370,8 +372,9 @@ def test_site_plugin_replaces_the_identity_policy(curve_lab, keys, site_auth_ins
     os.unlink(keys.workers / "rack1.key")
     lab.master.reload()
     rack.send("PING")
-    rack.nothing(0.3)
-    assert "rack1-c: refused its traffic from key" in warnings(caplog)
+    lab.wait_for(lambda: "rack1-c: refused its traffic from key" in warnings(caplog),
+                 what="the refusal")
+    rack.no_reply()
 
 
 # -- configuration ---------------------------------------------------------------------------

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import ROOT, run_cli, write_config  # noqa: E402
 from lavacore import cli, logformat  # noqa: E402
 from lavacore.worker import procs  # noqa: E402
-from workerutil import (PY, fill_filesystem, job_yaml, small_filesystem, table_rows,  # noqa: E402
-                        wait_for_file, wait_until)
+from workerutil import (PY, acknowledged, fill_filesystem, job_yaml,  # noqa: E402
+                        small_filesystem, table_rows, wait_for_file, wait_until)
 
 WORKER = "worker01"
 # A job check five times a second is only the fallback: ends are seen through the child
@@ -207,8 +207,8 @@ def test_a_job_passes_with_its_results_and_its_whole_log(make_lab):
                                                             for n in range(1, 1001)]
     lines = lab.log_lines(job_id)
     assert lines[-1]["lvl"] == "results" and lines[-1]["msg"]["case"] == "job"
-    # The worker forgot the job after END_OK: its row and its directory are gone.
-    wait_until(lambda: not table_rows(lab.work_dir()), what="job row removed")
+    # After END_OK the worker's directory of the job is gone, the job remembered as done.
+    wait_until(lambda: acknowledged(lab.work_dir()), what="job acknowledged")
     assert os.listdir(lab.work_dir() / "tmp") == []
     devices = json.loads(lab.quick("devices", "list", "--json"))
     assert [(d["state"], d["health"]) for d in devices] == [("Idle", "Good")]
@@ -271,7 +271,7 @@ def test_worker_killed_and_restarted_mid_job_still_completes_it(make_lab):
     starts = [l for l in lab.log_lines(job_id)
               if l["lvl"] == "info" and str(l["msg"]).startswith("lavacore-run ")]
     assert len(starts) == 1
-    wait_until(lambda: not table_rows(lab.work_dir()), what="job row removed")
+    wait_until(lambda: acknowledged(lab.work_dir()), what="job acknowledged")
 
 
 @pytest.mark.timeout(60)
@@ -392,7 +392,7 @@ def test_a_full_or_unwritable_work_dir_fails_the_job_and_the_worker_carries_on(
 
     # A job that arrives while the disk is full (or, without root for a small disk, the
     # job dirs' parent is read-only) cannot even get its files written.
-    wait_until(lambda: not table_rows(work), what="previous job forgotten")
+    wait_until(lambda: acknowledged(work), what="previous job acknowledged")
     if small_disk is not None:
         filler = fill_filesystem(work)
         expected = "No space left on device"
@@ -414,7 +414,7 @@ def test_a_full_or_unwritable_work_dir_fails_the_job_and_the_worker_carries_on(
         os.chmod(work / "tmp", 0o755)
     after = lab.submit(job_yaml(["lava-test-case after-full --result pass"]))
     assert lab.finished(after)["health"] == "Complete"
-    wait_until(lambda: not table_rows(work), what="job table written again")
+    wait_until(lambda: acknowledged(work), what="job table written again")
     assert lab.workers[WORKER].poll() is None
 
 

@@ -76,10 +76,14 @@ def test_external_publisher_wakes_the_master(lab):
         url = external.getsockopt_string(zmq.LAST_ENDPOINT)
         lab = lab(master={"schedule_interval": 3600, "event_url": url})
         worker = lab.worker()
-        worker.nothing(0.2)
+        lab.wait_for(lambda: lab.storage.get_worker("worker1").state.display == "Online")
+        lab.wait_for(lab.master.scheduler.idle, what="an idle scheduler")
         # Another writer queues a job without telling this master...
         job = submit(lab.storage, None, None, job_yaml(), "bob", lab.master.clock.time())[0]
-        worker.nothing(0.2)
+        # ...which it does not know of: nothing was sent for it (a START would come before
+        # this PONG on the connection).
+        worker.send("PING")
+        assert worker.recv() == [b"PONG", b"20"]
         # ...then the external publisher announces it, as LAVA's did.
         for _ in range(20):
             external.send_multipart(encode_event(

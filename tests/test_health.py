@@ -57,7 +57,7 @@ def test_failed_check_makes_device_bad_and_keeps_jobs_away(lab):
     check = _run(lab, worker, result="fail", error_type="Infrastructure")
     assert check.health == JobHealth.INCOMPLETE
     assert lab.storage.get_device("qemu01").health == DeviceHealth.BAD
-    worker.nothing(0.3)
+    lab.settled(worker)
     assert lab.job(normal).state == JobState.SUBMITTED
     history = lab.storage.list_history("device", "qemu01")
     assert history[0]["new"] == "Bad" and "health check" in history[0]["reason"]
@@ -121,7 +121,7 @@ def test_back_from_maintenance_is_checked_first(lab):
     assert _run(lab, worker).health_check
     health.set_device_health(lab.master, "qemu01", DeviceHealth.MAINTENANCE, "admin", "repair")
     normal = lab.submit()
-    worker.nothing(0.3)
+    lab.settled(worker)
     device = health.set_device_health(lab.master, "qemu01", DeviceHealth.GOOD, "admin",
                                       "fixed")
     assert device.health == DeviceHealth.UNKNOWN
@@ -148,7 +148,7 @@ def test_maintenance_while_running_finishes_the_job_first(lab):
     assert lab.job(job_id).health == JobHealth.COMPLETE
     assert lab.storage.get_device("qemu01").health == DeviceHealth.MAINTENANCE
     lab.submit()
-    worker.nothing(0.3)
+    lab.settled(worker)
 
 
 def test_worker_maintenance_cascades_and_comes_back(lab):
@@ -160,7 +160,7 @@ def test_worker_maintenance_cascades_and_comes_back(lab):
     assert lab.storage.get_device("qemu02").health == DeviceHealth.BAD  # left alone
     normal = lab.submit()
     worker = lab.worker()
-    worker.nothing(0.3)
+    lab.settled(worker)
     lab.master.flow.set_worker_health("worker1", WorkerHealth.ACTIVE, "admin", "back")
     assert lab.storage.get_device("qemu01").health == DeviceHealth.UNKNOWN
     assert _run(lab, worker).health_check

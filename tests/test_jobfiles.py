@@ -50,13 +50,29 @@ def test_end_callback_runs_once_the_file_is_written(files):
     ended = job(3)
     seen = []
     path = os.path.join(files.directory(ended), "description.yaml")
-    files.write_end(ended, "compatibility: 7\n", then=lambda: seen.append(
-        os.path.exists(path)))
+    files.write_end(ended, "compatibility: 7\n", then=lambda error: seen.append(
+        (error, os.path.exists(path))))
     assert files.read(ended, "description.yaml") == "compatibility: 7\n"
     with gevent.Timeout(5):
         while not seen:
             gevent.sleep(0.01)
-    assert seen == [True]
+    assert seen == [(None, True)]
+
+
+def test_end_callback_gets_the_error_when_the_file_cannot_be_written(files):
+    # END_OK must wait when description.yaml is not on disk (a full disk, here a
+    # directory that cannot be made): the callback is told.
+    ended = job(5)
+    os.makedirs(os.path.dirname(files.directory(ended)), exist_ok=True)
+    with open(files.directory(ended), "w") as handle:  # a file where the directory goes
+        handle.write("in the way")
+    seen = []
+    files.write_end(ended, "compatibility: 7\n", then=seen.append)
+    with gevent.Timeout(5):
+        while not seen:
+            gevent.sleep(0.01)
+    assert isinstance(seen[0], OSError)
+    assert files.read(ended, "description.yaml") is None
 
 
 def test_a_removed_directory_is_made_again(files):

@@ -88,7 +88,7 @@ def test_all_or_nothing_without_reserving(lab):
     worker.expect("START")
     worker.send("START_OK", blocker)
     ids = lab.submit(group_yaml({"node": (4, "qemu", {})}))
-    worker.nothing(0.3)
+    lab.settled(worker, resent={blocker})
     assert all(lab.job(i).state == JobState.SUBMITTED for i in ids)
     assert [d.state for d in lab.storage.list_devices()].count(DeviceState.RESERVED) == 0
     worker.log(blocker, result_line("lava", "job", "pass"))
@@ -111,7 +111,7 @@ def test_group_keeps_its_place_against_later_single_jobs(lab):
     worker.send("START_OK", first)
     group = lab.submit(group_yaml({"node": (2, "qemu", {})}))
     later = lab.submit(name="later single")
-    worker.nothing(0.3)  # qemu02 is idle, but the group is ahead of the single job
+    lab.settled(worker, resent={first})  # qemu02 is idle, but the group is ahead
     assert lab.job(later).state == JobState.SUBMITTED
     worker.log(first, result_line("lava", "job", "pass"))
     worker.end(first)
@@ -125,7 +125,8 @@ def test_single_jobs_ahead_of_a_group_still_run(lab):
     group = lab.submit(group_yaml({"node": (2, "qemu", {})}))
     worker = lab.worker()
     assert int(worker.expect("START")[1]) == earlier
-    worker.nothing(0.3)
+    # (this was a 0.3 s window a START resent for `earlier` once fell into)
+    lab.settled(worker, resent={earlier})
     assert all(lab.job(i).state == JobState.SUBMITTED for i in group)
 
 

@@ -32,9 +32,10 @@ def test_version_mismatch_gets_no_answer(lab, caplog):
     lab = lab()
     worker = lab.worker("worker1", connect=False)
     worker.send("HELLO", "2")
-    worker.nothing(0.3)
-    assert "protocol version 2" in caplog.text
+    lab.wait_for(lambda: "protocol version 2" in caplog.text, what="the refusal")
     assert lab.storage.get_worker("worker1").state == WorkerState.OFFLINE
+    worker.send("PING")  # handled after the HELLO: a HELLO_OK would come first
+    assert worker.recv() == [b"PONG", b"20"]
 
 
 def test_ping_gets_pong_with_interval(lab):
@@ -240,8 +241,10 @@ def test_start_resent_every_full_pass_until_start_ok(lab):
     # A START resent before START_OK arrived may still be queued ahead of this PONG...
     worker.send("PING")
     worker.expect("PONG", skip=(b"START",))
-    # ...but none is sent once the job is Running.
-    worker.nothing(0.4)
+    # ...but none is sent once the job is Running, by a full pass either.
+    lab.wait_for(lab.master.scheduler.idle, what="an idle scheduler")
+    lab.master.full_pass()
+    lab.settled(worker)
 
 
 def test_cancel_running_job_sends_cancel_until_end(lab):
@@ -305,7 +308,8 @@ def test_silent_worker_goes_offline_and_is_not_scheduled(lab):
     lab.wait_for(lambda: lab.storage.get_worker("worker1").state == WorkerState.OFFLINE,
                  what="Offline")
     job_id = lab.submit()
-    worker.nothing(0.3)
+    lab.wait_for(lab.master.scheduler.idle, what="an idle scheduler")
+    lab.master.schedule_pass()  # (a PING would bring the worker back: no settled() here)
     assert lab.job(job_id).state == JobState.SUBMITTED
     # Any valid message brings it back, and the queued job starts.
     worker.send("PING")

@@ -246,3 +246,118 @@ def test_invalid_device_config_is_a_configuration_error(tmp_path):
     run = Run(tmp_path, job_yaml(["true"]), device="device_type: [unclosed\n")
     assert run.finish() == 1
     assert run.job_result()["error_type"] == "Configuration"
+
+
+# -- deploy and boot: what the runner does and does not do --------------------------------
+
+HOST_DEVICE = """device_type: host
+hostname: host01
+actions:
+  deploy:
+    methods:
+      host:
+        lavacore-run: true
+  boot:
+    methods:
+      host:
+        lavacore-run: true
+"""
+CORPUS_HOST_JOB = os.path.join(ROOT, "tests", "jobs", "valid", "host-deploy-boot-test.yaml")
+
+
+def _with_actions(text, *actions):
+    """The job ``text`` with ``actions`` (YAML list items) before its test action."""
+    return text.replace("actions:\n", "actions:\n" + "".join(actions), 1)
+
+
+@pytest.mark.timeout(60)
+def test_own_deploy_and_boot_methods_of_the_device_type_run(tmp_path):
+    run = Run(tmp_path, job_path=CORPUS_HOST_JOB, device=HOST_DEVICE)
+    assert run.finish() == 0, run.stderr
+    assert run.job_result()["result"] == "pass"
+    info = run.messages("info")
+    assert any(m.startswith("start: 1 deploy to host (lavacore-run's own method") for m in info)
+    assert any(m.startswith("start: 2 boot with host") for m in info)
+    assert any(m.startswith("start: 3 lava-test-shell") for m in info)
+    assert {c["result"] for c in run.cases("0_host-checks").values()} == {"pass"}
+    assert set(run.cases("0_host-checks")) == {"shell-works", "params"}
+    with open(os.path.join(run.output_dir, "description.yaml")) as f:
+        pipeline = yaml.safe_load(f)["pipeline"]
+    assert [(p["level"], p["name"]) for p in pipeline] == [
+        ("1", "host-deploy"), ("2", "host-boot"), ("3", "lava-test-shell")]
+    assert pipeline[2]["timeout"] == 120  # timeouts.actions.lava-test-shell: 2 minutes
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("device, actions, expected", [
+    # A device type that does not declare host as the runner's own.
+    ("device_type: host\n", (), "actions[0].deploy: lavacore-run cannot deploy to 'host':"
+                                " device type host does not declare it as lavacore-run's own"),
+    (HOST_DEVICE, ("- deploy:\n    to: tftp\n    kernel: {url: http://example.org/k}\n",),
+     "actions[0].deploy: lavacore-run cannot deploy to 'tftp': device type host does not"
+     " declare it as lavacore-run's own (its own deploy methods: host)"),
+    (HOST_DEVICE, ("- boot:\n    method: u-boot\n    commands: nfs\n",),
+     "actions[0].boot: lavacore-run cannot boot with 'u-boot'"),
+    (HOST_DEVICE, ("- command:\n    name: pdu_reboot\n",),
+     "actions[0].command: lavacore-run cannot run command 'pdu_reboot'"),
+])
+def test_an_action_the_runner_cannot_perform_fails_the_job_before_anything_runs(
+        tmp_path, device, actions, expected):
+    if actions:
+        text = _with_actions(job_yaml(["lava-test-case ran --result pass"]), *actions)
+    else:
+        with open(CORPUS_HOST_JOB) as handle:
+            text = handle.read()
+    run = Run(tmp_path, text, device=device)
+    assert run.finish() == 1
+    result = run.job_result()
+    assert result["result"] == "fail" and result["error_type"] == "Job"
+    assert result["error_msg"].startswith(expected), result["error_msg"]
+    assert run.messages("target") == [] and run.cases() == {}
+
+
+@pytest.mark.timeout(60)
+def test_a_misspelled_steps_key_is_an_error_not_an_empty_pass(tmp_path):
+    text = job_yaml(["lava-test-case ran --result pass"]).replace("steps:", "stepz:")
+    run = Run(tmp_path, text)
+    assert run.finish() == 1
+    assert run.job_result()["error_msg"] == (
+        "actions[0].test.definitions[0].repository.run: unknown key 'stepz' (the only one"
+        " is 'steps')")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["job actions", "job retry", "device actions"])
+def test_named_action_timeouts_are_honoured(tmp_path, where):
+    text = job_yaml(["sleep 30"], job_seconds=60)
+    device = "device_type: host\n"
+    one_second = "    %s:\n      seconds: 1\n"
+    if where == "job actions":
+        text = text.replace("timeouts:\n", "timeouts:\n  actions:\n" +
+                            one_second % "lava-test-shell")
+    elif where == "job retry":
+        text = text.replace("timeouts:\n", "timeouts:\n  action:\n    minutes: 5\n"
+                            "  actions:\n" + one_second % "lava-test-retry")
+    else:
+        device += "timeouts:\n  actions:\n" + one_second % "lava-test-shell"
+    run = Run(tmp_path, text, device=device)
+    assert run.finish() == 1
+    assert "lava-test-shell (action 1) timed out after 1 seconds" in \
+        run.job_result()["error_msg"]
+
+
+@pytest.mark.timeout(60)
+def test_a_timeout_with_skip_goes_on_to_the_next_action(tmp_path):
+    text = job_yaml(["sleep 30"], job_seconds=60)
+    text = text.replace("- test:\n", "- test:\n    timeout:\n      seconds: 1\n"
+                        "      skip: true\n", 1)
+    text += yaml.safe_dump([{"test": {"definitions": [{
+        "from": "inline", "name": "after", "path": "inline/after.yaml",
+        "repository": {"metadata": {"name": "after"},
+                       "run": {"steps": ["lava-test-case after-skip --result pass"]}}}]}}])
+    run = Run(tmp_path, text)
+    assert run.finish() == 0, run.stderr
+    assert run.job_result()["result"] == "pass"
+    assert run.cases("lava")["0_smoke"]["result"] == "fail"
+    assert run.cases("1_after")["after-skip"]["result"] == "pass"
+    assert any("its timeout has skip" in m for m in run.messages("warning"))

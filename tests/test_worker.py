@@ -16,9 +16,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lavacore import protocol  # noqa: E402
 from lavacore.worker import procs  # noqa: E402
-from lavacore.worker.jobtable import CANCELING, FINISHED, RUNNING, JobTable  # noqa: E402
+from lavacore.worker.jobtable import (CANCELING, DONE, FINISHED, RUNNING,  # noqa: E402
+                                       JobTable)
 from lavacore.worker.slave import Worker  # noqa: E402
-from workerutil import (FAST, PY, RUNNER, FakeMaster, description_of,  # noqa: E402
+from workerutil import (FAST, PY, RUNNER, FakeMaster, acknowledged,  # noqa: E402
+                        description_of,
                         fill_filesystem, job_yaml, process_gone, small_filesystem,
                         start_frames, start_worker, stop_process, table_rows, wait_for_file,
                         wait_until)
@@ -74,9 +76,12 @@ def test_hello_retry_until_hello_ok_and_earlier_messages_are_discarded(master, w
     work = tmp_path / "work"
     spawn(workers, master, work)
     first, host, frames = master.expect("HELLO")
-    assert (host, frames) == (HOST, [b"HELLO", b"3"])
+    # lava-slave 2020.04+'s version frame, then the instance token of this process
+    assert (host, frames[:3]) == (HOST, [b"HELLO", b"3", b"lavacore 0.1.0"])
+    instance = frames[3]
+    assert len(instance) == 12
     second, _, frames = master.expect("HELLO_RETRY")
-    assert frames == [b"HELLO_RETRY", b"3"]
+    assert frames == [b"HELLO_RETRY", b"3", b"lavacore 0.1.0", instance]
     third, _, _ = master.expect("HELLO_RETRY")
     assert 0.15 <= second - first < 1.5 and 0.15 <= third - second < 1.5
     # Before HELLO_OK everything else is dropped: this START is lost.
@@ -167,11 +172,20 @@ def test_job_lifecycle(master, workers, tmp_path):
     master.expect("END", job_id=11)
     assert table_rows(work)[11][1] == FINISHED
     master.send(HOST, protocol.end_ok(11))
-    wait_until(lambda: 11 not in table_rows(work) and not os.path.exists(path),
+    # Acknowledged: its directory goes, the job is remembered (DONE) and never run again.
+    wait_until(lambda: table_rows(work)[11][1] == DONE and not os.path.exists(path),
                what="END_OK cleanup", master=master)
     count = len(master.messages)
-    master.idle(0.4)
-    assert "END" not in master.actions(count)
+    master.send(HOST, start_frames(11, definition, device, dispatcher, "", env_dut))
+    end = master.expect("END", job_id=11)[2]
+    while b"already ran" not in end[2]:  # (an END resent before END_OK came may be first)
+        end = master.expect("END", job_id=11)[2]
+    assert b"job 11 already ran on worker worker1" in end[2] and end[3] == b""
+    assert "START_OK" not in master.actions(count)
+    assert not os.path.exists(path)
+    starts = [l for l in master.lines["11"] if l["lvl"] == "info"
+              and l["msg"].startswith("lavacore-run ")]
+    assert len(starts) == 1
 
 
 @pytest.mark.timeout(60)
@@ -200,7 +214,7 @@ def test_cancel_during_a_running_step(master, workers, tmp_path):
     master.send(HOST, protocol.cancel(5))
     master.expect("END", job_id=5)
     master.send(HOST, protocol.end_ok(5))
-    wait_until(lambda: 5 not in table_rows(work), master=master, what="row removed")
+    wait_until(lambda: acknowledged(work, 5), master=master, what="job acknowledged")
 
 
 @pytest.mark.timeout(60)
@@ -234,7 +248,7 @@ def test_end_goes_out_as_soon_as_the_runner_exits(master, workers, tmp_path):
     assert "END" not in master.actions(count)
     master.send(HOST, protocol.end_ok(91))
     master.send(HOST, protocol.end_ok(92))
-    wait_until(lambda: not table_rows(work), master=master, what="rows removed")
+    wait_until(lambda: acknowledged(work), master=master, what="jobs acknowledged")
 
 
 @pytest.mark.timeout(60)
@@ -284,7 +298,7 @@ def test_worker_killed_and_restarted_keeps_tracking_its_job(master, workers, tmp
     assert description_of(frames)["compatibility"] == 1
     assert master.wait_job_result(21)["result"] == "pass"
     master.send(HOST, protocol.end_ok(21))
-    wait_until(lambda: 21 not in table_rows(work), master=master, what="row removed")
+    wait_until(lambda: acknowledged(work, 21), master=master, what="job acknowledged")
 
 
 @pytest.mark.timeout(60)

@@ -121,7 +121,7 @@ class FakeMaster:
     def connect(self, hostname, timeout=10):
         """Wait for the worker's HELLO and answer HELLO_OK."""
         stamp, host, frames = self.expect("HELLO", timeout=timeout)
-        assert host == hostname and frames == [b"HELLO", b"3"], frames
+        assert host == hostname and frames[:2] == [b"HELLO", b"3"], frames
         self.send(hostname, protocol.hello_ok())
         return stamp
 
@@ -215,6 +215,17 @@ def table_rows(work_dir):
             "SELECT id, pid, status, last_update, prefix FROM jobs")}
     finally:
         db.close()
+
+
+def acknowledged(work_dir, job_id=None):
+    """True when the worker's table holds ``job_id`` (every job, by default) as DONE: its
+    END acknowledged, its directory gone, remembered so it never runs again."""
+    from lavacore.worker.jobtable import DONE
+
+    rows = table_rows(work_dir)
+    if job_id is not None:
+        return job_id in rows and rows[job_id][1] == DONE
+    return all(row[1] == DONE for row in rows.values())
 
 
 def wait_until(predicate, timeout=10, interval=0.02, what="condition", master=None):

@@ -6,27 +6,73 @@ It runs in the master's gevent loop: storage calls are short SQLite statements (
 transaction is held across network I/O), and everything else is cooperative.
 """
 
+import collections
 import json
 import logging
 import re
 import time
 import urllib.parse
 
+import gevent
 import gevent.event
 
 from ..storage import StorageError
 from . import jobs, rest, xmlrpc
 from .auth import Caller, authenticate, request_host
-from .errors import INTERNAL, TOO_LARGE, UNAVAILABLE, ApiError, bad_request
+from .errors import BAD_REQUEST, INTERNAL, TOO_LARGE, UNAVAILABLE, ApiError, bad_request
 
 log = logging.getLogger("lavacore.api")
 
 MAX_BODY = 10 * 1024 * 1024
+# A body must arrive within this many seconds plus one per BODY_RATE bytes.
+BODY_DEADLINE = 30
+BODY_RATE = 100 * 1024
+# Failed authentications from one client address: past [api] max_auth_failures within
+# FAILURE_WINDOW seconds, its requests with credentials get 429 until the window ends.
+FAILURE_WINDOW = 60.0
 # A larger body is read and dropped (so the client gets the answer) up to this size;
 # beyond it the connection is closed without reading more.
 DISCARD_LIMIT = 64 * 1024 * 1024
 READ_CHUNK = 64 * 1024
 _SAFE_HOST = re.compile(r"^[\w.\-]+(:\d{1,5})?$|^\[[0-9a-fA-F:.]+\](:\d{1,5})?$")
+
+
+class _BodyDeadline(BaseException):
+    """Raised by the body timer (not an Exception: nothing on the way may swallow it)."""
+
+
+class AuthThrottle:
+    """Failed authentications per client address, in a bounded table."""
+
+    def __init__(self, clock, limit, window=FAILURE_WINDOW, size=65536):
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self.size = size
+        self._failures = collections.OrderedDict()  # address -> [window start, count]
+
+    def retry_after(self, address):
+        """Seconds until ``address`` may try again, or 0."""
+        entry = self._failures.get(address)
+        if entry is None:
+            return 0
+        left = entry[0] + self.window - self.clock()
+        if left <= 0:
+            del self._failures[address]
+            return 0
+        return int(left) + 1 if entry[1] >= self.limit else 0
+
+    def failed(self, address):
+        """Count a failure; True when it is the one that locks the address out."""
+        now = self.clock()
+        entry = self._failures.get(address)
+        if entry is None or now - entry[0] >= self.window:
+            entry = self._failures[address] = [now, 0]
+        self._failures.move_to_end(address)
+        while len(self._failures) > self.size:
+            self._failures.popitem(last=False)
+        entry[1] += 1
+        return entry[1] == self.limit
 
 
 class Application:
@@ -42,6 +88,8 @@ class Application:
         self.reading = 0
         self.idle = gevent.event.Event()
         self.idle.set()
+        self.throttle = AuthThrottle(time.monotonic,
+                                     int(master.config.api.max_auth_failures))
 
     def _busy(self, active=0, reading=0):
         self.active += active
@@ -55,7 +103,7 @@ class Application:
         started = time.monotonic()
         self._busy(active=1)
         try:
-            status, headers, body, note = self.respond(environ)
+            status, headers, body, note = self._throttled(environ) or self.respond(environ)
         finally:
             self._busy(active=-1)
         if environ.get("lavacore.close"):
@@ -67,6 +115,27 @@ class Application:
                       environ.get("REQUEST_METHOD", "-"), environ.get("PATH_INFO", "")[:200],
                       note, status.split()[0], (time.monotonic() - started) * 1000)
         return [body]
+
+    def _throttled(self, environ):
+        """429 for a request with credentials from an address that failed too often."""
+        if not environ.get("HTTP_AUTHORIZATION"):
+            return None
+        wait = self.throttle.retry_after(environ.get("REMOTE_ADDR", ""))
+        if not wait:
+            return None
+        environ["lavacore.close"] = True
+        body = (json.dumps({"error": "too many failed authentications from your address;"
+                                     " try again in %d s" % wait, "code": 429}) + "\n")
+        return ("429 Too Many Requests", [("Content-Type", "application/json"),
+                                          ("Retry-After", str(wait))],
+                body.encode("utf-8"), "throttled")
+
+    def auth_failed(self, environ):
+        address = environ.get("REMOTE_ADDR", "")
+        if self.throttle.failed(address):
+            log.warning("client %s: %d failed authentications within %d s; its requests with"
+                        " credentials get 429 for the rest of that time", address,
+                        self.throttle.limit, FAILURE_WINDOW)
 
     def respond(self, environ):
         method = environ.get("REQUEST_METHOD", "GET")
@@ -89,7 +158,11 @@ class Application:
     # -- the two protocols ------------------------------------------------------------------
 
     def caller(self, environ):
-        user = authenticate(self.master.storage, environ.get("HTTP_AUTHORIZATION"))
+        try:
+            user = authenticate(self.master.storage, environ.get("HTTP_AUTHORIZATION"))
+        except ApiError:
+            self.auth_failed(environ)
+            raise
         return Caller(self.master, user, request_host(environ), self.log_reader)
 
     def xmlrpc(self, environ, method):
@@ -149,10 +222,20 @@ class Application:
     # -- request bodies ---------------------------------------------------------------------
 
     def body(self, environ):
-        """The request body, at most ``max_body`` bytes; ApiError 413/400 otherwise."""
+        """The request body, at most ``max_body`` bytes, arrived within its deadline;
+        ApiError 413/400 otherwise."""
         self._busy(reading=1)
         try:
-            return self._read_body(environ)
+            length = environ.get("CONTENT_LENGTH") or ""
+            size = int(length) if length.isdigit() else self.max_body
+            deadline = BODY_DEADLINE + min(size, self.max_body) / BODY_RATE
+            try:
+                with gevent.Timeout(deadline, _BodyDeadline()):
+                    return self._read_body(environ)
+            except _BodyDeadline:
+                _abandon(environ)
+                raise ApiError(BAD_REQUEST, "request body not received within %d s"
+                               % deadline) from None
         finally:
             self._busy(reading=-1)
 
@@ -241,5 +324,6 @@ def _json(status, data, note):
 
 _REASONS = {200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized",
             403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-            413: "Payload Too Large", 500: "Internal Server Error",
+            413: "Payload Too Large", 429: "Too Many Requests",
+            500: "Internal Server Error",
             503: "Service Unavailable"}

@@ -130,7 +130,7 @@ def tags_delete(caller, hostname, tag):
 def syntax_check(master, text, what):
     """Refuse a jinja2 text that does not parse, with its line."""
     try:
-        master.templates.environment().parse(text)
+        master.templates.check_syntax(text)
     except jinja2.TemplateSyntaxError as exc:
         raise bad_request("%s: line %s: %s" % (what, exc.lineno, exc.message)) from None
 
@@ -150,7 +150,7 @@ def get_dictionary(master, hostname, render=False, context=None):
         context = validate.text(context, "context", limit=65536)
         try:
             job_context = yaml_load(context)
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, ValueError) as exc:
             raise bad_request("Job Context is not valid: %s" % " ".join(str(exc).split())) \
                 from None
         if job_context is not None and not isinstance(job_context, dict):

@@ -179,20 +179,23 @@ class LogReader:
     read of each recently read file begins so following a log does not re-read it all."""
 
     def __init__(self, size=128):
-        self._marks = collections.OrderedDict()  # path -> (line number, byte offset)
+        self._marks = collections.OrderedDict()  # path -> (line number, byte offset, inode)
         self._size = size
 
     def read(self, path, start=0, end=None, limit=MAX_LOG_LINES):
         """(entries, more): ``more`` when lines past the returned ones may follow now."""
         entries = []
         line_no, offset = 0, 0
-        mark = self._marks.get(path)
-        if mark is not None and mark[0] <= start:
-            line_no, offset = mark
         try:
             handle = open(path, "rb")
         except OSError:
             return entries, False
+        # A mark holds for the same file only: a log replaced by the worker's copy (a new
+        # inode) is read again from its start.
+        inode = os.fstat(handle.fileno()).st_ino
+        mark = self._marks.get(path)
+        if mark is not None and mark[0] <= start and mark[2] == inode:
+            line_no, offset = mark[0], mark[1]
         more = False
         with handle:
             handle.seek(offset)
@@ -211,11 +214,11 @@ class LogReader:
                     entries.append(entry(raw))
                 line_no += 1
                 offset = handle.tell()
-        self._remember(path, line_no, offset)
+        self._remember(path, line_no, offset, inode)
         return entries, more
 
-    def _remember(self, path, line_no, offset):
-        self._marks[path] = (line_no, offset)
+    def _remember(self, path, line_no, offset, inode):
+        self._marks[path] = (line_no, offset, inode)
         self._marks.move_to_end(path)
         while len(self._marks) > self._size:
             self._marks.popitem(last=False)

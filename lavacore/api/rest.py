@@ -23,7 +23,7 @@ import json
 import re
 import urllib.parse
 
-from .. import cli
+from .. import cli, safeyaml
 from ..states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 from . import device_types, devices, jobs, validate, workers
 from .errors import ApiError, bad_request
@@ -84,7 +84,7 @@ class Request:
                 raise bad_request("a JSON object is expected in the request body")
             return {}
         try:
-            data = json.loads(body)
+            data = safeyaml.json_loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise bad_request("request body: invalid JSON: %s" % exc) from None
         if not isinstance(data, dict):

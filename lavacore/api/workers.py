@@ -130,7 +130,7 @@ def set_file(caller, kind, hostname, text):
         return True
     try:
         data = yaml_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = "line %d: " % (mark.line + 1) if mark is not None else ""
         raise bad_request("%s: %sinvalid YAML: %s" % (

@@ -22,6 +22,7 @@ import yaml
 
 from .. import __version__
 from .. import health as health_mod
+from .. import safeyaml
 from ..states import JobHealth, JobState
 from . import device_types, devices, jobs, validate, workers
 from .errors import (INTERNAL, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
@@ -170,8 +171,11 @@ def jobs_cancel(caller, job_id):
 
 @method("scheduler.jobs.validate")
 def jobs_validate(caller, definition, strict=False):
-    validate.flag(strict, "strict", default=False)
-    return jobs.check(caller, definition)
+    """{} when the definition would be queued, else {"path": ..., "msg": ...}; nothing is
+    queued. ``strict`` adds the checks of LAVA's validate call (timeouts within the job
+    timeout, namespaces on all actions or none, known deploy and boot methods)."""
+    return jobs.check(caller, definition,
+                      strict=validate.flag(strict, "strict", default=False))
 
 
 @method("scheduler.jobs.show")
@@ -264,8 +268,8 @@ def _results_yaml(caller, job_id, suite=None, case=None):
         metadata = {}
         if item.metadata:
             try:
-                metadata = yaml.safe_load(item.metadata) or {}
-            except yaml.YAMLError:
+                metadata = safeyaml.load(item.metadata) or {}
+            except (yaml.YAMLError, ValueError):
                 metadata = {"raw": item.metadata}
         rows.append({"id": str(item.id), "job": str(_display_id(job)), "suite": item.suite,
                      "name": item.name, "result": item.result,

@@ -77,3 +77,18 @@ class Service:
     def wait(self, timeout):
         """Sleep for ``timeout`` seconds unless the service is stopped first."""
         return self.stopping.wait(timeout)
+
+
+def recv_bounded(sock, max_frames, copy=True):
+    """One message of a plain (non-green) socket, received NOBLOCK: (its first
+    ``max_frames`` frames, how many it had). The frames past the bound are read and
+    dropped at once, so a peer sending a million empty frames costs no memory."""
+    frames = [sock.recv(plain_zmq.NOBLOCK, copy=copy)]
+    total = 1
+    while sock.getsockopt(plain_zmq.RCVMORE):
+        # The rest of a multipart message has arrived with its first frame.
+        frame = sock.recv(plain_zmq.NOBLOCK, copy=copy)
+        total += 1
+        if total <= max_frames:
+            frames.append(frame)
+    return frames, total

@@ -14,7 +14,10 @@ import uuid
 
 import zmq.green as zmq
 
-from .base import Service
+from .. import safeyaml
+from ..ratelog import RateLimitedLog
+from ..storage import StorageError
+from .base import Service, recv_bounded
 
 
 def encode_event(topic, username, data, now=None):
@@ -31,7 +34,9 @@ class EventService(Service):
         self.socket = None
         self.endpoint = None
         self.sub = None
+        self._plain_sub = None
         self.topic = master.config.master.event_topic
+        self._drops = RateLimitedLog(self.log)
 
     def setup(self):
         config = self.master.config.master
@@ -42,15 +47,18 @@ class EventService(Service):
             sub = self.master.context.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
             sub.setsockopt(zmq.SUBSCRIBE, self.topic.encode())
+            sub.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
+            sub.setsockopt(zmq.RCVHWM, 10000)
             sub.connect(config.event_url)
             self.sub = sub
+            self._plain_sub = self.plain(sub)
             self.log.info("listening to external events on %s", config.event_url)
 
     def teardown(self):
         for sock in (self.socket, self.sub):
             if sock is not None:
                 sock.close(linger=0)
-        self.socket = self.sub = None
+        self.socket = self.sub = self._plain_sub = None
 
     def publish(self, kind, data, username=None):
         """Publish one event and let the master react to it."""
@@ -72,17 +80,22 @@ class EventService(Service):
                 continue
             while True:
                 try:
-                    frames = self.sub.recv_multipart(zmq.NOBLOCK)
+                    frames, total = recv_bounded(self._plain_sub, 5)
                 except zmq.Again:
                     break
-                if len(frames) != 5:
-                    self.log.warning("external event with %d frames ignored", len(frames))
+                if total != 5:
+                    self._drops.warning("frames", "external event with %d frames ignored",
+                                        total)
                     continue
                 try:
-                    data = json.loads(frames[4])
+                    data = safeyaml.json_loads(frames[4])
                     kind = frames[0].decode().rsplit(".", 1)[-1]
+                    if isinstance(data, dict):
+                        self.master.on_event(kind, data)
                 except (ValueError, UnicodeDecodeError) as exc:
-                    self.log.warning("external event ignored: %s", exc)
-                    continue
-                if isinstance(data, dict):
-                    self.master.on_event(kind, data)
+                    self._drops.warning("bad", "external event ignored: %s", exc)
+                except StorageError as exc:
+                    self.master.storage_fault("an external event", exc)
+                except Exception as exc:  # noqa: BLE001 - one event, never the master
+                    self._drops.error("bug", "external event ignored: %s: %s",
+                                      type(exc).__name__, exc, exc_info=True)

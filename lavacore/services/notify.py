@@ -1,5 +1,6 @@
 """Changes made by other processes, picked up at once."""
 
+from ..ratelog import RateLimitedLog
 from .base import Service
 
 
@@ -24,9 +25,14 @@ class NotifyService(Service):
     def run(self):
         if self.listener is None:
             return super().run()
+        drops = RateLimitedLog(self.log)
         while not self.stopping.is_set():
             for payload in self.listener.wait(0.5):
                 if not isinstance(payload, dict) or "kind" not in payload:
-                    self.log.warning("ignored a notification without kind")
+                    drops.warning("kind", "ignored a notification without kind")
                     continue
-                self.master.notified(payload)
+                try:
+                    self.master.notified(payload)
+                except Exception as exc:  # noqa: BLE001 - one notification, never the master
+                    drops.error("bad", "ignored a notification: %s: %s",
+                                type(exc).__name__, exc, exc_info=True)

@@ -20,6 +20,7 @@ class SchedulerService(Service):
         self._full = False
         self.passes = 0
         self.full_passes = 0
+        self.busy = False  # a pass is running
 
     def wake(self, full=False):
         """Run a pass now; ``full`` also resends START/CANCEL as the periodic pass does."""
@@ -38,12 +39,23 @@ class SchedulerService(Service):
             if now >= next_full or self._full:
                 self._full = False
                 self._wake.clear()
-                master.full_pass()
+                self._run(master.full_pass)
                 self.full_passes += 1
                 next_full = clock.monotonic() + interval
                 continue
             # Real time waits at most ``step``, so a fake clock moved by a test is noticed.
             if self._wake.wait(min(step, next_full - now)):
                 self._wake.clear()
-                master.schedule_pass()
+                self._run(master.schedule_pass)
                 self.passes += 1
+
+    def _run(self, fn):
+        self.busy = True
+        try:
+            fn()
+        finally:
+            self.busy = False
+
+    def idle(self):
+        """No pass running and none asked for."""
+        return not self.busy and not self._wake.is_set() and not self._full

@@ -66,6 +66,9 @@ def build_parser():
                         help="after CANCEL, SIGTERM again at every check from this time")
     timing.add_argument("--cancel-kill", type=float, default=120.0,
                         help="after CANCEL, SIGKILL at this time")
+    timing.add_argument("--master-timeout", type=float, default=None,
+                        help="no word from the master for this long: reconnect with a fresh"
+                             " socket (default: 4 ping intervals)")
     p.add_argument("--ipv6", action="store_true", help="enable IPv6 on the sockets")
     p.add_argument("--encrypt", action="store_true", help="use CURVE encryption")
     p.add_argument("--master-cert", help="the master's public key file (with --encrypt)")
@@ -83,8 +86,8 @@ def make_worker(args):
         hello_retry=args.hello_retry, job_check=args.job_check,
         ping_interval=args.ping_interval, min_ping_interval=args.min_ping_interval,
         cancel_term_again=args.cancel_term_again, cancel_kill=args.cancel_kill,
-        ipv6=args.ipv6, encrypt=args.encrypt, master_cert=args.master_cert,
-        worker_cert=args.worker_cert)
+        master_timeout=args.master_timeout, ipv6=args.ipv6, encrypt=args.encrypt,
+        master_cert=args.master_cert, worker_cert=args.worker_cert)
 
 
 def main(argv=None):

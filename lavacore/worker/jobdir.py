@@ -2,6 +2,7 @@
 brings, the runner started in it, and what END reads back from it (spec 4.4 and 4.6)."""
 
 import logging
+import lzma
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import gevent.subprocess
 import yaml
 
 from .. import protocol
+from .logsender import LOG_COPY
 
 try:
     _Loader = yaml.CSafeLoader
@@ -20,6 +22,10 @@ except AttributeError:  # pragma: no cover
 log = logging.getLogger("lavacore.worker")
 
 DEFAULT_RUNNER = "lavacore-run"
+# The largest compressed copy attached to END (the master's [master] max_message is
+# 64 MiB by default: a larger frame would cut the connection, and END would never pass).
+MAX_LOG_COPY = 48 * 1024 * 1024
+_RESULTS = b'"lvl": "results"'  # unescaped quotes: only ever the level of a line
 # END carries the runner's stderr; a runner that crashed in a loop can leave megabytes of
 # it, and the master only shows it as a failure comment, so only the tail is sent.
 MAX_STDERR = 1024 * 1024
@@ -145,3 +151,35 @@ def description(job_dir):
             return protocol.compress_description(f.read())
     except OSError:
         return None
+
+
+def log_info(job_dir):
+    """protocol.LogInfo of the runner's log copy (whole lines only), or None without one."""
+    lines = results = 0
+    tail = b""
+    try:
+        with open(os.path.join(job_dir, LOG_COPY), "rb") as f:
+            while True:
+                block = f.read(1 << 20)
+                if not block:
+                    break
+                data = tail + block
+                cut = data.rfind(b"\n") + 1
+                lines += data.count(b"\n", 0, cut)
+                results += data.count(_RESULTS, 0, cut)
+                tail = data[cut:]
+    except OSError:
+        return None
+    return protocol.LogInfo(lines, results)
+
+
+def log_copy(job_dir, limit=MAX_LOG_COPY):
+    """The runner's log copy, lzma'd for END, or None (no copy, or too large to send)."""
+    try:
+        with open(os.path.join(job_dir, LOG_COPY), "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    cut = data.rfind(b"\n") + 1  # a line being written when the runner died: not sent
+    blob = lzma.compress(data[:cut], preset=1)
+    return blob if len(blob) <= limit else None

@@ -24,8 +24,16 @@ log = logging.getLogger("lavacore.worker")
 RUNNING = 0
 CANCELING = 1
 FINISHED = 2
+# lavacore's addition: the master acknowledged the job's END (END_OK). lava-slave forgets
+# the job then, so a late START (a resend that crossed START_OK) would run it again; the
+# row is kept a while instead, and such a START is answered with END.
+DONE = 3
 
-STATUS_NAMES = {RUNNING: "running", CANCELING: "canceling", FINISHED: "finished"}
+STATUS_NAMES = {RUNNING: "running", CANCELING: "canceling", FINISHED: "finished",
+                DONE: "acknowledged"}
+# How long and how many acknowledged jobs are remembered.
+DONE_KEEP = 7 * 24 * 3600
+DONE_MAX = 10000
 
 Row = collections.namedtuple("Row", "id pid status last_update prefix")
 
@@ -82,6 +90,16 @@ class JobTable:
         if row is not None:
             self._rows[job_id] = row._replace(status=status, last_update=now)
             self._changed(job_id)
+
+    def prune(self, now, keep=DONE_KEEP, most=DONE_MAX):
+        """Forget acknowledged jobs older than ``keep`` seconds, and the oldest beyond
+        ``most``."""
+        done = sorted((row.last_update, row.id) for row in self._rows.values()
+                      if row.status == DONE)
+        old = [job_id for when, job_id in done if now - when > keep]
+        old += [job_id for _, job_id in done[:max(0, len(done) - most)]]
+        for job_id in set(old):
+            self.delete(job_id)
 
     def delete(self, job_id):
         if self._rows.pop(job_id, None) is not None:

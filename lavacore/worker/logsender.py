@@ -6,16 +6,25 @@ burst of output queues instead of blocking), a full queue waits a bounded time f
 and the socket lingers only a few seconds at exit.
 """
 
+import os
 import sys
 
 import zmq
 
 from .. import logformat
 
+# The built-in runner's copy of every log line it sends, in output.yaml's form, in its
+# output dir: what the master lacks after a crash is taken from it (protocol.LogInfo).
+LOG_COPY = "lavacore-log.yaml"
+
 
 class LogSender:
+    """``copy``: a file that gets every line before it is sent (lavacore's worker sends
+    the master what it lacks from it after a crash). A copy that cannot be written is
+    removed rather than left short, since the master would take it as the whole log."""
+
     def __init__(self, url, job_id, *, hwm=100_000, linger=5.0, stall=10.0, ipv6=False,
-                 master_cert=None, worker_cert=None):
+                 master_cert=None, worker_cert=None, copy=None):
         self.url = url
         self.job_id = str(job_id).encode()
         self.hwm = hwm
@@ -25,6 +34,8 @@ class LogSender:
         self.master_cert = master_cert
         self.worker_cert = worker_cert
         self.dropped = 0
+        self.copy = copy
+        self._copy_fd = None
         self._degraded = False
         self._ctx = None
         self._sock = None
@@ -33,6 +44,12 @@ class LogSender:
         """Open the PUSH socket; without a URL the lines go to stdout (manual runs)."""
         if not self.url:
             return self
+        if self.copy:
+            try:
+                self._copy_fd = os.open(self.copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                                        | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                self._drop_copy(exc)
         self._ctx = zmq.Context()
         sock = self._ctx.socket(zmq.PUSH)
         # LINGER before anything is sent: the runner must not hang at exit on a dead master.
@@ -59,7 +76,13 @@ class LogSender:
         if self._sock is None:
             sys.stdout.write("- " + line + "\n")
             return
-        frames = [self.job_id, line.encode("utf-8", errors="replace")]
+        data = line.encode("utf-8", errors="replace")
+        if self._copy_fd is not None:
+            try:
+                os.write(self._copy_fd, b"- " + data.replace(b"\n", b" ") + b"\n")
+            except OSError as exc:
+                self._drop_copy(exc)
+        frames = [self.job_id, data]
         try:
             self._sock.send_multipart(frames, zmq.NOBLOCK)
             self._degraded = False
@@ -83,7 +106,22 @@ class LogSender:
     def result(self, definition, case, result, measurement=None, units=None, **extra):
         self.send(logformat.result_line(definition, case, result, measurement, units, **extra))
 
+    def _drop_copy(self, exc):
+        print("lavacore-run: cannot keep a copy of the log in %s (%s): the log lines sent"
+              " while the master is away cannot be recovered" % (self.copy, exc),
+              file=sys.stderr)
+        if self._copy_fd is not None:
+            os.close(self._copy_fd)
+            self._copy_fd = None
+        try:
+            os.unlink(self.copy)
+        except OSError:
+            pass
+
     def close(self):
+        if self._copy_fd is not None:
+            os.close(self._copy_fd)
+            self._copy_fd = None
         if self._sock is not None:
             self._sock.close()  # waits up to LINGER for queued lines to leave
             self._sock = None

@@ -33,6 +33,14 @@ def is_runner(pid, job_id, job_dir=None):
     return job_dir is None or ("--output-dir=%s" % job_dir).encode() in argv
 
 
+def find_runner(job_id, job_dir):
+    """The pid of the live runner of ``job_id`` in ``job_dir``, or None (a /proc scan)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit() and is_runner(int(name), job_id, job_dir):
+            return int(name)
+    return None
+
+
 def _stat(pid_name):
     """(state, pgrp, session) of a process, from /proc/<pid>/stat."""
     with open("/proc/%s/stat" % pid_name) as f:
@@ -73,6 +81,8 @@ def group_alive(pgid):
 
 def signal_group(pgid, sig):
     """Send ``sig`` to a process group; False if the group no longer exists."""
+    if not pgid or pgid <= 1:  # 0 would be our own group, -1 everyone
+        return False
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
@@ -90,6 +100,8 @@ def kill_session(sid):
     so the worker sweeps the whole session instead of leaving shells behind.
     """
     killed = 0
+    if not sid or sid <= 1:
+        return 0
     for pid in session_members(sid):
         try:
             os.kill(pid, signal.SIGKILL)

@@ -3,10 +3,12 @@
     lavacore-run --device=DIR/device.yaml --dispatcher=DIR/dispatcher.yaml --output-dir=DIR
                  --job-id=ID --logging-url=URL DIR/job.yaml [--env-dut=DIR/env.dut.yaml]
 
-It runs the job's ``test`` actions (inline definitions) on this host, streams every line to
-the master's log socket as it happens, writes ``description.yaml`` and always ends with the
-``lava``/``job`` result line that decides the job's health. Exit status 0 when the job ran
-to its end (even with failed test cases), 1 when it could not.
+It runs the job's ``test`` actions (inline definitions) on this host, and the deploy and
+boot methods its device type declares as this runner's own (jobdef.py); any other action
+fails the job before anything runs. It streams every line to the master's log socket as it
+happens, writes ``description.yaml`` and always ends with the ``lava``/``job`` result line
+that decides the job's health. Exit status 0 when the job ran to its end (even with failed
+test cases), 1 when it could not.
 """
 
 import argparse
@@ -20,7 +22,7 @@ import yaml
 
 from .. import __version__
 from . import environ, jobdef
-from .logsender import LogSender
+from .logsender import LOG_COPY, LogSender
 from .testshell import TestShell
 
 try:
@@ -142,11 +144,13 @@ class JobRun:
         except OSError as exc:
             raise Failure("Infrastructure", "cannot create the output dir %s: %s"
                           % (args.output_dir, exc.strerror or exc)) from None
+        text = self._read(args.definition, "job definition", "Infrastructure")
+        device = self._device()
         try:
-            plan = jobdef.load(self._read(args.definition, "job definition", "Infrastructure"))
+            plan = jobdef.load(text, device)
+            jobdef.check_runnable(plan, device)
         except jobdef.JobError as exc:
             raise Failure("Job", str(exc)) from None
-        device = self._device()
         env = dict(os.environ)
         if args.env_dut:
             try:
@@ -156,12 +160,10 @@ class JobRun:
                 raise Failure("Configuration", str(exc)) from None
         job_deadline = self.started + plan.job_timeout
         self._describe(plan, device)
-        log("info", "job %r on device type %s: %d test action(s), job timeout %s"
-            % (plan.job_name, device.get("device_type") or plan.device_type or "?",
-               len(plan.tests), _hms(plan.job_timeout)))
-        for number, name in plan.skipped:
-            log("info", "skipping action %d (%s): lavacore-run only runs test actions"
-                % (number, name))
+        log("info", "job %r on device type %s: %d action(s), %d of them test actions, job"
+            " timeout %s" % (plan.job_name, device.get("device_type") or plan.device_type
+                             or "?", len(plan.actions), len(plan.tests),
+                             _hms(plan.job_timeout)))
         root = os.path.join(args.output_dir, "lava-test")
         self.shell = TestShell(root, env, self.sender, self.signals.wake_fd,
                                self.signals.canceled)
@@ -170,8 +172,23 @@ class JobRun:
         except OSError as exc:
             raise Failure("Infrastructure", "cannot set up the test shell in %s: %s"
                           % (root, exc.strerror or exc)) from None
-        for action in plan.tests:
-            self._test_action(plan, action, job_deadline)
+        for action in plan.actions:
+            if action.test is not None:
+                self._test_action(plan, action.test, job_deadline)
+            else:
+                self._own_action(plan, action, job_deadline)
+
+    def _own_action(self, plan, action, job_deadline):
+        """A deploy or boot method the device type declares as this runner's own: the
+        device is the worker host, so there is nothing to deploy or boot."""
+        self._check_canceled()
+        if time.monotonic() >= job_deadline:
+            raise Failure("Job", "job timed out after %s" % _seconds(plan.job_timeout))
+        name = "%s %s %s" % (action.kind, "to" if action.kind == "deploy" else "with",
+                             action.method)
+        self.sender.log("info", "start: %d %s (lavacore-run's own method: the device is the"
+                        " worker host, nothing to do)" % (action.number, name))
+        self.sender.log("info", "end: %d %s (duration 00:00:00)" % (action.number, name))
 
     def _test_action(self, plan, action, job_deadline):
         log = self.sender.log
@@ -202,6 +219,11 @@ class JobRun:
             if job_deadline <= action_deadline:
                 raise Failure("Job", "job timed out after %s (in %s)"
                               % (_seconds(plan.job_timeout), definition.name))
+            if action.skip:
+                log("warning", "lava-test-shell (action %d) timed out after %s (in %s);"
+                    " its timeout has skip: going on with the next action"
+                    % (action.number, _seconds(action.timeout), definition.name))
+                return
             raise Failure("Job", "lava-test-shell (action %d) timed out after %s (in %s)"
                           % (action.number, _seconds(action.timeout), definition.name))
         log("info", "end: %d lava-test-shell (duration %s)"
@@ -220,6 +242,20 @@ class JobRun:
             raise Failure("Configuration", "the device config must be a YAML mapping")
         return data
 
+    @staticmethod
+    def _pipeline_entry(plan, action):
+        if action.test is None:
+            return {"class": "OwnMethodAction", "name": "%s-%s" % (action.method, action.kind),
+                    "level": str(action.number), "summary": "lavacore-run's own %s method"
+                    % action.kind, "description": "the device is the worker host: nothing"
+                    " to do", "timeout": plan.job_timeout}
+        test = action.test
+        return {"class": "TestShellAction", "name": "lava-test-shell",
+                "level": str(test.number), "summary": "lavacore-run test shell",
+                "description": "inline test definitions run on the worker host",
+                "timeout": test.timeout or plan.job_timeout,
+                "definitions": [d.name for d in test.definitions]}
+
     def _describe(self, plan, device):
         # lava-run's top-level keys, kept small: the master reads `compatibility` and keeps
         # the rest for people.
@@ -231,12 +267,7 @@ class JobRun:
             "job": {"job_name": plan.job_name, "timeouts": timeouts,
                     "actions": [{"test": {"definitions": [d.name for d in a.definitions],
                                           "timeout": a.timeout}} for a in plan.tests]},
-            "pipeline": [{"class": "TestShellAction", "name": "lava-test-shell",
-                          "level": str(a.number), "summary": "lavacore-run test shell",
-                          "description": "inline test definitions run on the worker host",
-                          "timeout": a.timeout or plan.job_timeout,
-                          "definitions": [d.name for d in a.definitions]}
-                         for a in plan.tests],
+            "pipeline": [self._pipeline_entry(plan, a) for a in plan.actions],
         }
         path = os.path.join(self.args.output_dir, "description.yaml")
         try:
@@ -280,7 +311,8 @@ def main(argv=None):
             return 1
         return 0
     sender = LogSender(args.logging_url, args.job_id, ipv6=args.ipv6,
-                       master_cert=args.master_cert, worker_cert=args.slave_cert)
+                       master_cert=args.master_cert, worker_cert=args.slave_cert,
+                       copy=os.path.join(args.output_dir, LOG_COPY))
     try:
         sender.connect()
     except Exception as exc:

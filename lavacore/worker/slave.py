@@ -29,6 +29,7 @@ import socket as stdsocket
 import subprocess
 import time
 import urllib.parse
+import uuid
 
 # from-imports before zmq.green: a plain `import zmq.<sub>` would rebind `zmq` (stack notes)
 from zmq.auth.certs import load_certificate
@@ -40,10 +41,11 @@ import gevent.socket
 import gevent.subprocess
 import zmq.green as zmq
 
-from .. import protocol
+from .. import __version__, protocol
 from . import environ, jobdir, procs
 from .jobdir import DEFAULT_RUNNER
-from .jobtable import CANCELING, FINISHED, RUNNING, STATUS_NAMES, JobTable, JobTableError
+from .jobtable import (CANCELING, DONE, FINISHED, RUNNING, STATUS_NAMES, JobTable,
+                       JobTableError)
 
 log = logging.getLogger("lavacore.worker")
 
@@ -89,7 +91,7 @@ class Worker:
                  job_check=5.0, ping_interval=5.0, min_ping_interval=5,
                  cancel_term_again=60.0, cancel_kill=120.0, send_hwm=10, ipv6=False,
                  encrypt=False, master_cert=None, worker_cert=None, dns_check=True,
-                 clock=time.time):
+                 master_timeout=None, clock=time.time):
         if not master:
             raise ValueError("a master URL is needed (--master)")
         if not logs:
@@ -121,7 +123,15 @@ class Worker:
         self.master_cert = master_cert
         self.worker_cert = worker_cert
         self.dns_check = dns_check
+        # No word from the master for this long (default: 4 ping intervals, lava-slave's
+        # "master goes OFFLINE"): the connection is replaced by a fresh socket, which
+        # takes the name back if another process of this name took it over.
+        self.master_timeout = (None if master_timeout is None
+                               else _positive("master_timeout", master_timeout))
         self.clock = clock
+        # New at each start: lets the master tell a restart from a second worker process
+        # using this hostname (an extra HELLO frame LAVA's master does not read).
+        self.instance = uuid.uuid4().hex[:12]
 
         self.connected = False      # HELLO_OK seen
         self.master_online = False  # lava-slave's "Master is ONLINE" flag
@@ -139,12 +149,15 @@ class Worker:
         self._crash_logged = set()  # job ids whose missing description.yaml was logged
         self._exited = []           # job ids whose runner (our child) exited, not handled yet
         self._end_sent = {}         # job id -> monotonic time of the last END sent
+        self._copies = {}           # job id -> lzma'd log copy attached to END resends
+        self._infos = {}            # job id -> protocol.LogInfo of its log copy
         self._stopping = False
         self._running = False
         self._loop_greenlet = None
         self._done = gevent.event.Event()
         self._last_master_msg = 0.0
         self._last_ping = 0.0
+        self._last_reconnect = 0.0
 
     @staticmethod
     def _command(what, command):
@@ -400,16 +413,20 @@ class Worker:
 
     def _bootstrap(self):
         """HELLO, then HELLO_RETRY every ``hello_retry`` s until HELLO_OK (spec 4.1)."""
-        self._send(protocol.hello())
+        self._send(self._hello())
         log.info("HELLO sent to %s", self.master)
         retry_at = time.monotonic() + self.hello_retry
         while not self._stopping and not self.connected:
             self._poll(retry_at - time.monotonic())
             if not self.connected and time.monotonic() >= retry_at:
                 if self._master_resolves():
-                    self._send(protocol.hello(retry=True))
+                    self._send(self._hello(retry=True))
                     log.info("no HELLO_OK yet: HELLO_RETRY sent")
                 retry_at = time.monotonic() + self.hello_retry
+
+    def _hello(self, retry=False):
+        return protocol.hello(retry=retry, version="lavacore %s" % __version__,
+                              instance=self.instance)
 
     def _master_resolves(self):
         # lava-slave checks DNS before each HELLO_RETRY so that a typo in the master's
@@ -445,14 +462,26 @@ class Worker:
             self._last_ping = time.monotonic()
             log.debug("PING sent")
 
+    def _master_silence(self):
+        return self.master_timeout or 4 * self.ping_interval
+
     def _watch_master(self):
-        # Only a flag and a log line, as in lava-slave: the worker keeps pinging and never
-        # says HELLO again; ZeroMQ reconnects by itself when the master comes back.
-        if self.master_online and (time.monotonic() - self._last_master_msg
-                                   > 4 * self.ping_interval):
+        """The master said nothing (no PONG to our PINGs) for too long: lava-slave's
+        "Master goes OFFLINE", and a fresh socket. ZeroMQ reconnects a dead TCP connection
+        by itself, but not one whose route the master handed to another process of the
+        same name (ROUTER_HANDOVER): that one stays open and is never read again."""
+        silent = time.monotonic() - max(self._last_master_msg, self._last_reconnect)
+        if silent <= self._master_silence():
+            return
+        if self.master_online:
             self.master_online = False
-            log.warning("master %s goes OFFLINE (silent for %.1f s)", self.master,
-                        time.monotonic() - self._last_master_msg)
+            log.warning("master %s goes OFFLINE (silent for %.1f s)", self.master, silent)
+        log.warning("no answer from the master for %.1f s: reconnecting with a fresh socket",
+                    silent)
+        self._close_control()
+        self._open_control()
+        self._last_reconnect = time.monotonic()
+        self._send(self._hello())
 
     # -- messages from the master -------------------------------------------------------
 
@@ -472,7 +501,12 @@ class Worker:
         self._mark_alive()
         row = self.table.get(job_id)
         if row is not None:
-            if row.status == FINISHED:
+            if row.status == DONE:
+                # lava-slave would have forgotten the job and run it again (quirk 2).
+                log.warning("job %d: START for a job that already ran here (its END was"
+                            " acknowledged): not run again, END sent", job_id)
+                self._send_done(job_id)
+            elif row.status == FINISHED:
                 log.info("job %d: START for a finished job: END sent again", job_id)
                 self._send_end(job_id, row.prefix)
             else:
@@ -493,6 +527,10 @@ class Worker:
             argv = jobdir.runner_argv(
                 command, job_id, job_dir, self.logs, bool(env_dut), self.ipv6,
                 (self.master_cert, self.worker_cert) if self.encrypt else None)
+            # The row first (pid 0: starting), so that a worker killed right after the
+            # spawn finds its runner again (by its command line) instead of starting a
+            # second one when START comes again.
+            self.table.insert(job_id, 0, RUNNING, self.clock(), prefix)
             proc = jobdir.spawn(argv, job_dir, env)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             # Spec 4.4 step 5-6: START_OK anyway; the END that follows carries the reason.
@@ -516,12 +554,14 @@ class Worker:
         row = self.table.get(job_id)
         if row is None:
             self._end_unknown(job_id, "CANCEL")
+        elif row.status == DONE:
+            self._send_done(job_id)
         elif row.status == RUNNING:
-            if self._alive(row):
-                procs.signal_group(row.pid, signal.SIGTERM)
+            pid = self._alive(row)
+            if pid:
+                procs.signal_group(pid, signal.SIGTERM)
                 self.table.update(job_id, CANCELING, self.clock())
-                log.info("job %d: canceling: SIGTERM sent to process group %d", job_id,
-                         row.pid)
+                log.info("job %d: canceling: SIGTERM sent to process group %d", job_id, pid)
             else:
                 self._reap(job_id)
                 self.table.update(job_id, FINISHED, self.clock())
@@ -543,6 +583,9 @@ class Worker:
         row = self.table.get(job_id)
         if row is None:
             self._end_unknown(job_id, "STATUS")
+        elif row.status == DONE:
+            log.info("job %d: STATUS: already acknowledged, END sent again", job_id)
+            self._send_done(job_id)
         elif row.status == FINISHED:
             log.info("job %d: STATUS: finished, END sent", job_id)
             self._send_end(job_id, row.prefix)
@@ -552,7 +595,7 @@ class Worker:
 
     def _on_end_ok(self, job_id):
         row = self.table.get(job_id)
-        if row is None:
+        if row is None or row.status == DONE:
             log.info("job %d: END_OK for an unknown job: ignored", job_id)
             return
         if row.status != FINISHED and self._alive(row):
@@ -562,12 +605,16 @@ class Worker:
                         job_id, row.pid)
             return
         self._reap(job_id)
-        self.table.delete(job_id)
+        # Remembered (DONE) rather than deleted: a START crossing the END must not run it
+        # again. Pruned after a while (jobtable.DONE_KEEP).
+        self.table.update(job_id, DONE, self.clock())
         shutil.rmtree(self._job_dir(row.prefix, job_id), ignore_errors=True)
         self._spawn_errors.pop(job_id, None)
         self._crash_logged.discard(job_id)
         self._end_sent.pop(job_id, None)
-        log.info("job %d: END_OK: job forgotten, its directory removed", job_id)
+        self._copies.pop(job_id, None)
+        self._infos.pop(job_id, None)
+        log.info("job %d: END_OK: job done, its directory removed", job_id)
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -600,7 +647,12 @@ class Worker:
         """lava-slave's periodic job check (spec 4.5)."""
         self.table.flush()  # catch up on writes a full disk refused
         now = self.clock()
+        self.table.prune(now)
         for row in self.table.all():
+            if row.status == DONE:
+                continue
+            if row.pid == 0 and row.status != FINISHED and self._alive(row):
+                row = self.table.get(row.id)  # its runner found: the row has its pid now
             if row.status == FINISHED:
                 # lava-slave does not refresh last_update, so END goes out at every check
                 # until END_OK; the 10% slack absorbs timer jitter between two checks.
@@ -634,7 +686,18 @@ class Worker:
                                 "again", row.id, elapsed)
 
     def _alive(self, row):
-        return procs.is_runner(row.pid, row.id, self._job_dir(row.prefix, row.id))
+        """The pid of ``row``'s runner while it runs, else 0."""
+        job_dir = self._job_dir(row.prefix, row.id)
+        if row.pid == 0 and row.status != FINISHED:
+            # Started by a worker killed before it noted the runner's pid.
+            pid = procs.find_runner(row.id, job_dir)
+            if pid is None:
+                return 0
+            self.table.insert(row.id, pid, row.status, row.last_update, row.prefix)
+            log.info("job %d: found its runner (pid %d) started before a worker restart",
+                     row.id, pid)
+            return pid
+        return row.pid if procs.is_runner(row.pid, row.id, job_dir) else 0
 
     def _reap(self, job_id):
         # Only our own children can be waited for; runners inherited from a previous
@@ -660,10 +723,32 @@ class Worker:
                 self._crash_logged.add(job_id)
                 log.warning("job %d: no description.yaml: the runner crashed or never ran",
                             job_id)
-        self._send(protocol.end(job_id, errors, description))
+        # What LAVA's END cannot say: how much log the runner sent, and, once the master
+        # did not acknowledge the first END, the log itself (see protocol.LogInfo).
+        if job_id not in self._infos:  # the runner is gone: its copy is final
+            self._infos[job_id] = jobdir.log_info(job_dir)
+        info = self._infos[job_id]
+        copy = self._log_copy(job_id, job_dir) if again and info is not None else None
+        self._send(protocol.end(job_id, errors, description, info, copy))
         self._end_sent[job_id] = time.monotonic()
         if again:
-            log.debug("job %d: END sent again", job_id)
+            log.debug("job %d: END sent again%s", job_id, " with the log" if copy else "")
+
+    def _log_copy(self, job_id, job_dir):
+        """The runner's log copy, compressed once (off the loop: a big log takes a while)
+        and kept until END_OK."""
+        if job_id not in self._copies:
+            blob = gevent.get_hub().threadpool.apply(jobdir.log_copy, (job_dir,))
+            if blob is None and os.path.exists(os.path.join(job_dir, jobdir.LOG_COPY)):
+                log.warning("job %d: the log copy is too large to send with END", job_id)
+            self._copies[job_id] = blob
+        return self._copies[job_id]
+
+    def _send_done(self, job_id):
+        """END for a job whose END the master already acknowledged."""
+        self._send(protocol.end(job_id, "job %d already ran on worker %s (its END was"
+                                " acknowledged); not run again\n" % (job_id, self.hostname),
+                                b""))
 
     def _job_dir(self, prefix, job_id):
         return os.path.join(self.tmp_dir, "%s%d" % (prefix, job_id))

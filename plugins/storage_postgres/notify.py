@@ -20,6 +20,7 @@ import gevent
 import gevent.socket
 import psycopg2
 
+from lavacore import safeyaml
 from lavacore.storage import StorageError
 
 from .pool import close_quietly, first_line
@@ -99,7 +100,7 @@ class Listener:
         while conn.notifies:
             notify = conn.notifies.pop(0)
             try:
-                result.append(json.loads(notify.payload))
+                result.append(safeyaml.json_loads(notify.payload))
             except ValueError:
                 log.warning("dropped a malformed notification (%d bytes)", len(notify.payload))
         if not result and conn.closed:

@@ -15,13 +15,19 @@ import logging
 import os
 import socket
 import sqlite3
+import struct
 
+from lavacore import safeyaml
 from lavacore.hookspecs import hookimpl
 from lavacore.storage import DDL, SCHEMA_VERSION, SQLStorage, StorageError
 
 log = logging.getLogger("lavacore.storage")
 
 MAX_DATAGRAM = 65000
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+_CREDENTIALS = socket.CMSG_SPACE(_UCRED.size)
+# What says "the database cannot do it now" rather than "this statement is wrong".
+_UNAVAILABLE = (sqlite3.OperationalError, sqlite3.InternalError, sqlite3.DatabaseError)
 
 
 class SQLiteStorage(SQLStorage):
@@ -58,7 +64,14 @@ class SQLiteStorage(SQLStorage):
     def _connection(self):
         if self._conn is None:
             raise StorageError("SQLite database %s is not open" % self.path)
-        yield self._conn
+        try:
+            yield self._conn
+        except _UNAVAILABLE as exc:
+            if type(exc) not in _UNAVAILABLE:
+                raise  # IntegrityError, ProgrammingError...: a bug or a conflict
+            # A full disk, a lock held too long, an I/O error: the database, not the
+            # statement. The callers' retry paths take StorageError.
+            raise StorageError("SQLite %s: %s" % (self.path, exc)) from None
 
     def _begin(self, conn):
         # IMMEDIATE takes the write lock at once, so two processes never both read and then
@@ -119,16 +132,23 @@ class SQLiteStorage(SQLStorage):
 
 
 class _DatagramListener:
+    """The master's end of the wake-up channel. An abstract socket has no file mode, so
+    any local user can send to it: each datagram carries its sender's credentials
+    (SO_PASSCRED), and only this user's and root's are taken."""
+
     def __init__(self, address, path):
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
         try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             self._sock.bind(address)
         except OSError as exc:
             self._sock.close()
             if exc.errno == errno.EADDRINUSE:
                 raise StorageError("another master already runs on %s" % path) from None
             raise
+        self._trusted = {0, os.getuid()}
+        self._refused = 0
 
     def wait(self, timeout=None):
         """Wait (cooperatively) for notifications; returns their payloads, [] on timeout."""
@@ -141,11 +161,18 @@ class _DatagramListener:
         result = []
         while True:
             try:
-                data = self._sock.recv(MAX_DATAGRAM + 1)
+                data, ancillary, _, _ = self._sock.recvmsg(MAX_DATAGRAM + 1, _CREDENTIALS)
             except BlockingIOError:
                 return result
+            uid = _sender_uid(ancillary)
+            if uid not in self._trusted:
+                self._refused += 1
+                if self._refused in (1, 10, 100, 1000) or self._refused % 10000 == 0:
+                    log.warning("dropped a notification from uid %s, not this master's user"
+                                " (%d so far)", uid, self._refused)
+                continue
             try:
-                result.append(json.loads(data))
+                result.append(safeyaml.json_loads(data))
             except ValueError:
                 log.warning("dropped a malformed notification (%d bytes)", len(data))
 
@@ -161,3 +188,11 @@ def storage(config):
     return SQLiteStorage(config.resolve(config.storage.url),
                          synchronous=options.get("synchronous", "NORMAL"),
                          busy_timeout=float(options.get("busy_timeout", 5.0)))
+
+
+def _sender_uid(ancillary):
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and \
+                len(data) >= _UCRED.size:
+            return _UCRED.unpack_from(data)[1]
+    return None
