@@ -245,10 +245,12 @@ def _proc_stat(pid):
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def rss_mb(pid):
+def rss_mb(pid, peak=False):
+    """Resident memory of ``pid`` in MB, now or (``peak``) at its highest."""
+    field = "VmHWM:" if peak else "VmRSS:"
     with open("/proc/%d/status" % pid) as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
 

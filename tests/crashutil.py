@@ -14,7 +14,7 @@ import time
 from conftest import MasterProcess, write_config
 from lavacore import cli, config as config_mod, logformat
 from lavacore.worker import procs
-from workerutil import PY, table_rows
+from workerutil import PY, table_rows, wait_until
 
 # Fast worker timing: ENDs resent every 0.2 s, a master silent for 5 s is reconnected to.
 WORKER_TIMING = ["--hello-retry", "0.2", "--job-check", "0.2", "--poll-timeout", "0.2",
@@ -132,6 +132,21 @@ class CrashLab:
 
     def job(self, job_id):
         return json.loads(self.quick("jobs", "show", str(job_id), "--json"))
+
+    def finished(self, job_id, timeout=60):
+        """The job once Finished (bounded wait); the master's log tail in the failure."""
+        state = {}
+
+        def check():
+            state.update(self.job(job_id))
+            return state["state"] == "Finished"
+
+        try:
+            wait_until(check, timeout=timeout, interval=0.05, what="Finished")
+        except AssertionError:
+            raise AssertionError("job %d not Finished: %s\n--- master ---\n%s" % (
+                job_id, state, self.master_logs()[-4000:])) from None
+        return dict(state)
 
     def jobs(self):
         return {job["id"]: job for job in json.loads(self.quick("jobs", "list", "--json",

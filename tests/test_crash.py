@@ -29,21 +29,6 @@ def crash_lab(tmp_path):
         lab.close()
 
 
-def wait_job(lab, job_id, predicate, what, timeout=WAIT):
-    state = {}
-
-    def check():
-        state.update(lab.job(job_id))
-        return predicate(state)
-
-    try:
-        wait_until(check, timeout=timeout, interval=0.05, what=what)
-    except AssertionError:
-        raise AssertionError("job %d: %s not reached: %s\n--- master ---\n%s" % (
-            job_id, what, state, lab.master_logs()[-4000:])) from None
-    return state
-
-
 def numbered(tag, count):
     return "for i in $(seq 1 %d); do echo %s-$i; done" % (count, tag)
 
@@ -67,7 +52,7 @@ def test_master_killed_mid_job_loses_no_line_case_or_result(crash_lab, tmp_path)
     wait_until(lambda: lab.rows("worker01").get(job_id, (0, None))[1] == FINISHED,
                timeout=WAIT, what="the job's end on the worker")
     lab.start_master()
-    job = wait_job(lab, job_id, lambda j: j["state"] == "Finished", "Finished")
+    job = lab.finished(job_id)
     assert job["health"] == "Complete", job
     expected = (["before-%d" % n for n in range(1, 301)]
                 + ["after-%d" % n for n in range(1, 301)])
@@ -126,7 +111,7 @@ def test_a_full_disk_under_the_database_and_the_job_output(crash_lab, tmp_path):
         assert lab.master.proc.poll() is None
         assert lab.job(job_id)["state"] == "Running"
         os.unlink(filler)
-        job = wait_job(lab, job_id, lambda j: j["state"] == "Finished", "Finished")
+        job = lab.finished(job_id)
         assert job["health"] == "Complete", job
         targets = lab.targets(job_id)
         assert [t for t in targets if t.startswith("after-")] == [
@@ -158,7 +143,7 @@ def test_a_second_worker_with_the_same_name_does_not_cut_off_the_first(crash_lab
         wait_until(lambda: "reconnecting with a fresh socket" in lab.worker_log("worker01"),
                    timeout=WAIT, what="the first worker reconnecting")
         job_id, = lab.submit(job_yaml(["lava-test-case served --result pass"]))
-        job = wait_job(lab, job_id, lambda j: j["state"] == "Finished", "Finished")
+        job = lab.finished(job_id)
         assert job["health"] == "Complete"
         assert first.poll() is None
         assert job_id in table_rows(lab.work_dir("worker01"))

@@ -7,8 +7,6 @@ import lzma
 import os
 import re
 import socket
-import subprocess
-import sys
 import textwrap
 
 import gevent
@@ -70,124 +68,123 @@ def xz_bomb(gigabytes):
     return stream * (16 * gigabytes)
 
 
-@pytest.mark.timeout(120)
-def test_log_socket_garbage_never_stops_the_master(tmp_path, master_process):
+@pytest.fixture
+def attacked(tmp_path, master_process):
+    """A master process, its config and a zmq.green context, with worker1 greeted."""
     config_path = write_config(tmp_path)
     master = master_process(config_path)
     ctx = zmq.Context()
     try:
         worker = ScriptedWorker(ctx, master.controller, "worker1", master.logs)
         worker.connect()
-        job_id = started_job(tmp_path, config_path, worker)
-        this = str(job_id).encode()
-        attacker = ctx.socket(zmq.PUSH)
-        attacker.setsockopt(zmq.LINGER, 0)
-        attacker.connect(master.logs)
-        garbage = [
-            [b"9" * 20, b"a 20-digit id"],               # OverflowError in storage, once
-            [b"9223372036854775808", b"2**63"],
-            [b"0", b"x"], [b"-1", b"x"], [b"+1", b"x"], [b" 1", b"x"], [b"1_0", b"x"],
-            ["\u0661".encode(), b"an Arabic-Indic one"], [b"\xff\xfe", b"x"],
-            [b"12345"], [this, b"x", b"three frames"], [b""] * 1000,
-            # Results lines nested 100,000 deep: RecursionError in the JSON decoder, and a
-            # segmentation fault in libyaml's composer for the YAML form.
-            [this, json.dumps({"lvl": "results"})[:-1].encode()
-             + b', "msg": ' + deep(100000).encode() + b"}"],
-            [this, b"{lvl: results, msg: " + deep(100000).encode() + b"}"],
-            [this, b"{lvl: results, msg: " + deep(50000, "{a: ", "}").encode() + b"}"],
-            # Aliases expanding to 10**9 nodes.
-            [this, ("{lvl: results, a: &a [x,x,x,x,x,x,x,x,x,x], "
-                    + ", ".join("b%d: &b%d [%s]" % (i, i, ",".join(
-                        ["*" + ("a" if i == 0 else "b%d" % (i - 1))] * 10)) for i in range(8))
-                    + ", msg: {case: bomb, result: pass, x: *b7}}").encode()],
-            [this, b"\xff\xfe not UTF-8 results \x00 with a NUL"],
-            [this, result_line("nul\x00case", "pass\x00").encode()],
-            [this, result_line("nested", "pass", extra=json.loads(deep(900))).encode()],
-        ]
-        for frames in garbage:
-            attacker.send_multipart(frames)
-        # A frame over the log socket's size limit: its sender is disconnected.
-        big = ctx.socket(zmq.PUSH)
-        big.setsockopt(zmq.LINGER, 0)
-        big.connect(master.logs)
-        big.send_multipart([this, b"x" * (3 << 20)])
-        # The job's own lines, after all that, are stored and decide its health.
-        worker.log(job_id, json.dumps({"dt": "2026-12-02T00:00:01", "lvl": "target",
-                                       "msg": "still here"}))
-        worker.log(job_id, result_line("after-garbage", "pass"))
-        worker.log(job_id, result_line("job", "pass", definition="lava"))
-        worker.end(job_id)
-        worker.expect("END_OK", timeout=WAIT, skip=(b"PONG", b"HELLO_OK", b"START"))
-        job = show(config_path, job_id)
-        assert (job["state"], job["health"]) == ("Finished", "Complete"), job
-        worker.send("PING")
-        assert worker.expect("PONG", skip=(b"HELLO_OK", b"START", b"END_OK"))[0] == b"PONG"
-        assert master.proc.poll() is None
-        results = run_cli(config_path, "jobs", "results", str(job_id), "--json")
-        cases = {(suite["name"], test["name"]) for suite in json.loads(results.stdout)["suites"]
-                 for test in suite["tests"]}
-        assert ("smoke", "after-garbage") in cases and ("lava", "job") in cases
-        assert ("smoke", "nul\ufffdcase") in cases  # stored, NUL replaced
-        out = os.path.join(tmp_path, "var", "job-output")
-        log = "".join(open(os.path.join(root, name), encoding="utf-8").read()
-                      for root, _, names in os.walk(out) for name in names
-                      if name == "output.yaml")
-        assert "still here" in log
-        text = master.log_text()
-        assert "job id out of range" in text and "with 1000 frames" in text
-        assert "is not a decimal integer" in text
-        attacker.close()
-        big.close()
+        yield config_path, master, ctx, worker
         worker.close()
     finally:
         ctx.destroy(linger=0)
 
 
 @pytest.mark.timeout(120)
-def test_controller_garbage_and_a_decompression_bomb(tmp_path, master_process):
-    config_path = write_config(tmp_path)
-    master = master_process(config_path)
-    ctx = zmq.Context()
-    try:
-        worker = ScriptedWorker(ctx, master.controller, "worker1", master.logs)
-        worker.connect()
-        for frames in ([b"START_OK", b"9" * 20], [b"END", b"9223372036854775808", b"", b""],
-                       [b"START_OK", b"0"], [b"END", b"1"], [b"PING"] + [b""] * 1000,
-                       [b"\xff\xfe"], [], [b"HELLO", b"three"],
-                       [b"HELLO", b"3", b"v" * 5000], [b"HELLO", b"3", b"v", b"\x00\x01"],
-                       [b"NOPE", b"1"], [b"START_OK", "١٢".encode()]):
-            worker.sock.send_multipart([b"master"] + frames)
-        bad_name = ctx.socket(zmq.ROUTER)
-        bad_name.setsockopt(zmq.IDENTITY, b"../../etc\xff")
-        bad_name.setsockopt(zmq.CONNECT_RID, b"master")
-        bad_name.setsockopt(zmq.LINGER, 0)
-        bad_name.connect(master.controller)
-        bad_name.send_multipart([b"master", b"HELLO", b"3"])
-        # A real job whose END carries a description that inflates to 4 GiB.
-        job_id = started_job(tmp_path, config_path, worker)
-        worker.send("END", str(job_id), "", xz_bomb(4))
-        worker.expect("END_OK", timeout=WAIT, skip=(b"PONG", b"HELLO_OK", b"START"))
-        job = show(config_path, job_id)
-        assert (job["state"], job["health"]) == ("Finished", "Incomplete"), job
-        assert "description.yaml is too large" in job["failure_comment"]
-        # And the master carries on: PONG, and the next job runs.
-        worker.send("PING")
-        assert worker.expect("PONG", skip=(b"HELLO_OK", b"START", b"END_OK"))[0] == b"PONG"
-        second = started_job(tmp_path, config_path, worker)
-        worker.log(second, result_line("job", "pass", definition="lava"))
-        worker.end(second)
-        wait_until(lambda: show(config_path, second)["health"] == "Complete", what="second")
-        assert master.proc.poll() is None
-        rss = int(open("/proc/%d/status" % master.proc.pid).read().split(
-            "VmHWM:")[1].split()[0])
-        assert rss < 400 * 1024, "peak RSS %d kB" % rss  # nothing was inflated whole
-        text = master.log_text()
-        assert "job id out of range" in text and "dropped a message of 1002 frames" in text
-        assert "invalid hostname" in text
-        bad_name.close()
-        worker.close()
-    finally:
-        ctx.destroy(linger=0)
+def test_log_socket_garbage_never_stops_the_master(tmp_path, attacked):
+    config_path, master, ctx, worker = attacked
+    job_id = started_job(tmp_path, config_path, worker)
+    this = str(job_id).encode()
+    attacker = ctx.socket(zmq.PUSH)
+    attacker.setsockopt(zmq.LINGER, 0)
+    attacker.connect(master.logs)
+    garbage = [
+        [b"9" * 20, b"a 20-digit id"],               # OverflowError in storage, once
+        [b"9223372036854775808", b"2**63"],
+        [b"0", b"x"], [b"-1", b"x"], [b"+1", b"x"], [b" 1", b"x"], [b"1_0", b"x"],
+        ["\u0661".encode(), b"an Arabic-Indic one"], [b"\xff\xfe", b"x"],
+        [b"12345"], [this, b"x", b"three frames"], [b""] * 1000,
+        # Results lines nested 100,000 deep: RecursionError in the JSON decoder, and a
+        # segmentation fault in libyaml's composer for the YAML form.
+        [this, json.dumps({"lvl": "results"})[:-1].encode()
+         + b', "msg": ' + deep(100000).encode() + b"}"],
+        [this, b"{lvl: results, msg: " + deep(100000).encode() + b"}"],
+        [this, b"{lvl: results, msg: " + deep(50000, "{a: ", "}").encode() + b"}"],
+        # Aliases expanding to 10**9 nodes.
+        [this, ("{lvl: results, a: &a [x,x,x,x,x,x,x,x,x,x], "
+                + ", ".join("b%d: &b%d [%s]" % (i, i, ",".join(
+                    ["*" + ("a" if i == 0 else "b%d" % (i - 1))] * 10)) for i in range(8))
+                + ", msg: {case: bomb, result: pass, x: *b7}}").encode()],
+        [this, b"\xff\xfe not UTF-8 results \x00 with a NUL"],
+        [this, result_line("nul\x00case", "pass\x00").encode()],
+        [this, result_line("nested", "pass", extra=json.loads(deep(900))).encode()],
+    ]
+    for frames in garbage:
+        attacker.send_multipart(frames)
+    # A frame over the log socket's size limit: its sender is disconnected.
+    big = ctx.socket(zmq.PUSH)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(master.logs)
+    big.send_multipart([this, b"x" * (3 << 20)])
+    # The job's own lines, after all that, are stored and decide its health.
+    worker.log(job_id, json.dumps({"dt": "2026-12-02T00:00:01", "lvl": "target",
+                                   "msg": "still here"}))
+    worker.log(job_id, result_line("after-garbage", "pass"))
+    worker.log(job_id, result_line("job", "pass", definition="lava"))
+    worker.end(job_id)
+    worker.expect("END_OK", timeout=WAIT, skip=(b"PONG", b"HELLO_OK", b"START"))
+    job = show(config_path, job_id)
+    assert (job["state"], job["health"]) == ("Finished", "Complete"), job
+    worker.send("PING")
+    assert worker.expect("PONG", skip=(b"HELLO_OK", b"START", b"END_OK"))[0] == b"PONG"
+    assert master.proc.poll() is None
+    results = run_cli(config_path, "jobs", "results", str(job_id), "--json")
+    cases = {(suite["name"], test["name"]) for suite in json.loads(results.stdout)["suites"]
+             for test in suite["tests"]}
+    assert ("smoke", "after-garbage") in cases and ("lava", "job") in cases
+    assert ("smoke", "nul\ufffdcase") in cases  # stored, NUL replaced
+    out = os.path.join(tmp_path, "var", "job-output")
+    log = "".join(open(os.path.join(root, name), encoding="utf-8").read()
+                  for root, _, names in os.walk(out) for name in names
+                  if name == "output.yaml")
+    assert "still here" in log
+    text = master.log_text()
+    assert "job id out of range" in text and "with 1000 frames" in text
+    assert "is not a decimal integer" in text
+    attacker.close()
+    big.close()
+
+
+@pytest.mark.timeout(120)
+def test_controller_garbage_and_a_decompression_bomb(tmp_path, attacked):
+    config_path, master, ctx, worker = attacked
+    for frames in ([b"START_OK", b"9" * 20], [b"END", b"9223372036854775808", b"", b""],
+                   [b"START_OK", b"0"], [b"END", b"1"], [b"PING"] + [b""] * 1000,
+                   [b"\xff\xfe"], [], [b"HELLO", b"three"],
+                   [b"HELLO", b"3", b"v" * 5000], [b"HELLO", b"3", b"v", b"\x00\x01"],
+                   [b"NOPE", b"1"], [b"START_OK", "١٢".encode()]):
+        worker.sock.send_multipart([b"master"] + frames)
+    bad_name = ctx.socket(zmq.ROUTER)
+    bad_name.setsockopt(zmq.IDENTITY, b"../../etc\xff")
+    bad_name.setsockopt(zmq.CONNECT_RID, b"master")
+    bad_name.setsockopt(zmq.LINGER, 0)
+    bad_name.connect(master.controller)
+    bad_name.send_multipart([b"master", b"HELLO", b"3"])
+    # A real job whose END carries a description that inflates to 4 GiB.
+    job_id = started_job(tmp_path, config_path, worker)
+    worker.send("END", str(job_id), "", xz_bomb(4))
+    worker.expect("END_OK", timeout=WAIT, skip=(b"PONG", b"HELLO_OK", b"START"))
+    job = show(config_path, job_id)
+    assert (job["state"], job["health"]) == ("Finished", "Incomplete"), job
+    assert "description.yaml is too large" in job["failure_comment"]
+    # And the master carries on: PONG, and the next job runs.
+    worker.send("PING")
+    assert worker.expect("PONG", skip=(b"HELLO_OK", b"START", b"END_OK"))[0] == b"PONG"
+    second = started_job(tmp_path, config_path, worker)
+    worker.log(second, result_line("job", "pass", definition="lava"))
+    worker.end(second)
+    wait_until(lambda: show(config_path, second)["health"] == "Complete", what="second")
+    assert master.proc.poll() is None
+    rss = int(open("/proc/%d/status" % master.proc.pid).read().split(
+        "VmHWM:")[1].split()[0])
+    assert rss < 400 * 1024, "peak RSS %d kB" % rss  # nothing was inflated whole
+    text = master.log_text()
+    assert "job id out of range" in text and "dropped a message of 1002 frames" in text
+    assert "invalid hostname" in text
+    bad_name.close()
 
 
 def send_as(uid, address, payloads):

@@ -19,7 +19,6 @@ Lists are pages: ``{"count", "next", "previous", "results"}``. Errors are
 ``{"error": message, "code": LAVA code}`` with the matching HTTP status.
 """
 
-import json
 import re
 import urllib.parse
 

@@ -12,7 +12,6 @@ returns ``{"kind": "resync"}``: the master should make a full pass (the database
 changes; only the wake-up was missed).
 """
 
-import json
 import logging
 import time
 
