@@ -42,6 +42,7 @@ setup(
         "console_scripts": [
             "lavacore = lavacore.cli:main",
             "lavacore-run = lavacore.worker.runner:main",
+            "lavacore-lava-run = lavacore.worker.lavarun:main",
         ],
         "lavacore.plugins": [
             "%s = lavacore_plugins.%s" % (name, name) for name in PLUGINS

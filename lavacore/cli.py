@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from . import __version__
+from . import __version__, cliaccounts
 
 class UserError(Exception):
     """A one-line error for the person at the terminal."""
@@ -22,9 +22,9 @@ class UserError(Exception):
 class Session:
     """What a command needs: config, plugins, storage and a Flow that notifies the master."""
 
-    def __init__(self, config_path):
+    def __init__(self, config_path, as_user=None):
         from . import config as config_mod
-        from . import plugins
+        from . import permissions, plugins
         from .clock import Clock
         from .flow import Flow
         from .master import open_storage
@@ -35,6 +35,11 @@ class Session:
         self.storage = open_storage(self.config, self.pm)
         self.clock = Clock()
         self.flow = Flow(self.storage, self.clock, self.publish, self.pm.hook, None)
+        # The command line has the database: it sees everything, unless --as asks for
+        # what a user sees.
+        principal = permissions.SYSTEM if as_user is None else \
+            permissions.Principal.load(self.storage, as_user)
+        self.policy = permissions.Policy(self.storage, principal)
 
     def publish(self, kind, data, username=None):
         self.storage.publish_event({"kind": kind, "data": data, "username": username})
@@ -115,9 +120,12 @@ def _job(session, job_id):
     from .storage import NotFound
 
     try:
-        return session.storage.get_job(_job_id(job_id))
+        job = session.storage.get_job(_job_id(job_id))
     except NotFound:
-        raise UserError("job %s: no such job" % job_id) from None
+        job = None
+    if job is None or not session.policy.can_view_job(job):
+        raise UserError("job %s: no such job" % job_id)
+    return job
 
 
 def _job_id(text):
@@ -172,7 +180,8 @@ def cmd_jobs_list(args, session):
             filters["state"] = JobState.parse(args.state)
         except ValueError as exc:
             raise UserError("--state: %s" % exc) from None
-    jobs = session.storage.list_jobs(limit=args.limit, order="-id", **filters)
+    jobs = session.storage.list_jobs(limit=args.limit, order="-id",
+                                     visible=session.policy.job_filter(), **filters)
     rows = [job.to_dict() for job in jobs]
     if args.json:
         _print_json(rows)
@@ -184,6 +193,8 @@ def cmd_jobs_list(args, session):
 
 def cmd_jobs_cancel(args, session):
     job = _job(session, args.id)
+    if not session.policy.can_cancel_job(job):
+        raise UserError("job %s: you may not cancel it" % args.id)
     canceled = session.flow.cancel(job.id, username=args.user or "")
     if canceled is None:
         job = session.storage.get_job(job.id)
@@ -271,7 +282,8 @@ def cmd_jobs_results(args, session):
 
 
 def cmd_devices_list(args, session):
-    rows = [d.to_dict() for d in session.storage.list_devices()]
+    rows = [d.to_dict() for d in session.storage.list_devices()
+            if session.policy.can_view_device(d)]
     if args.json:
         _print_json(rows)
     else:
@@ -283,9 +295,12 @@ def _device(session, hostname):
     from .storage import NotFound
 
     try:
-        return session.storage.get_device(hostname)
+        device = session.storage.get_device(hostname)
     except NotFound:
-        raise UserError("device %s: no such device" % hostname) from None
+        device = None
+    if device is None or not session.policy.can_view_device(device):
+        raise UserError("device %s: no such device" % hostname)
+    return device
 
 
 def _worker(session, hostname):
@@ -373,18 +388,6 @@ def cmd_workers_list(args, session):
     return 0
 
 
-def cmd_tokens_create(args, session):
-    from . import tokens
-
-    try:
-        token = tokens.create(session.storage, args.username, args.description or "",
-                              session.clock.time())
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
-    print(token)
-    return 0
-
-
 def cmd_certs_create(args):
     from . import certs
 
@@ -468,6 +471,9 @@ def build_parser():
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.add_argument("--version", action="version", version="lavacore " + __version__)
+    parser.add_argument("--as", dest="as_user", metavar="USER",
+                        help="show jobs and devices as USER may see them (the command line"
+                             " sees everything by default)")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("master", help="run the master (the default command)")
 
@@ -534,12 +540,7 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="overwrite an existing pair")
     p.set_defaults(func=cmd_certs_create, standalone=True)
 
-    tokens = sub.add_parser("tokens", help="API tokens")
-    tsub = tokens.add_subparsers(dest="tokens_command", required=True)
-    p = tsub.add_parser("create")
-    p.add_argument("username")
-    p.add_argument("--description", default="")
-    p.set_defaults(func=cmd_tokens_create)
+    cliaccounts.add_parsers(sub)
 
     db = sub.add_parser("db", help="database schema and moves")
     bsub = db.add_subparsers(dest="db_command", required=True)
@@ -588,14 +589,14 @@ def main(argv=None):
     from .jobs import JobError
     from .storage import StorageError
 
-    errors = (UserError, ConfigError, JobError, StorageError)
+    errors = (UserError, ConfigError, JobError, StorageError, cliaccounts.CommandError)
     try:
         if args.command in (None, "master"):
             return cmd_master(args)
         _setup_logging("WARNING")
         if getattr(args, "standalone", False):
             return args.func(args)
-        session = Session(args.config)
+        session = Session(args.config, args.as_user)
         try:
             return args.func(args, session)
         finally:

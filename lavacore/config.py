@@ -54,6 +54,10 @@ class MasterConfig:
     max_message: int = 64 * 1024 * 1024
     max_description: int = 8 * 1024 * 1024
     max_log_copy: int = 1024 * 1024 * 1024
+    # Started as root: bind the sockets, then run as this user (and group; by default
+    # the user's own).
+    user: str = ""
+    group: str = ""
     # Where the master's own notification socket lives (CLI -> master wake-ups).
     notify: str = ""
     instance: str = "lavacore"
@@ -107,6 +111,8 @@ class LocalWorkerConfig:
     master: str = ""
     logs: str = ""
     runner: str = "lavacore-run"
+    # Runners (and so job steps) run as this user, when the worker runs as root.
+    run_as: str = ""
     options: dict = dataclasses.field(default_factory=dict)
 
 

@@ -18,6 +18,7 @@ import dataclasses
 
 from .storage import (DEVICE_TYPES, DEVICES, JOBS, SCHEMA_VERSION, TESTCASES, WORKERS,
                       StorageError)
+from .accountstore import USER_COLUMNS
 from .states import DeviceState, JobHealth, JobState
 
 # Copy order: a table comes after those it refers to. (name, key columns, columns)
@@ -27,9 +28,22 @@ TABLES = (
     ("devices", "hostname", DEVICES.names),
     ("jobs", "id", JOBS.names),
     ("testcases", "id", TESTCASES.names),
-    ("tokens", "id", ("id", "username", "digest", "description", "created")),
+    ("tokens", "id", ("id", "username", "digest", "description", "created", "last_used",
+                      "expires")),
     ("history", "id", ("id", "kind", "name", "old", "new", "username", "reason", "time")),
     ("blobs", "kind, name", ("kind", "name", "content")),
+    ("users", "username", USER_COLUMNS),
+    ("user_groups", "name", ("name",)),
+    ("group_members", "group_name, username", ("group_name", "username")),
+    ("permissions", "holder_kind, holder, app, model, codename",
+     ("holder_kind", "holder", "app", "model", "codename")),
+    ("object_permissions", "kind, name, group_name, codename",
+     ("kind", "name", "group_name", "codename")),
+    ("tags", "name", ("name", "description")),
+    ("job_groups", "job_id, group_name", ("job_id", "group_name")),
+    ("aliases", "name", ("name", "device_type")),
+    ("artifact_tokens", "username, name", ("username", "name", "token")),
+    ("audit", "id", ("id", "time", "username", "kind", "name", "action", "before", "after")),
 )
 
 BATCH = 2000

@@ -293,3 +293,32 @@ def worker_files(config, worker, storage=None):
         texts.append(load_optional_yaml([os.path.join(root, worker, name), fallback],
                                         name.replace(".yaml", "")))
     return tuple(texts)
+
+
+def with_artifact_tokens(definition, tokens):
+    """``definition`` (YAML text) with each ``headers`` value of a deploy action's
+    artifacts that names one of ``tokens`` ({name: value}) replaced by the value, as
+    LAVA gives its dispatcher remote artifact tokens."""
+    data = yaml_load(definition)
+    changed = False
+
+    def replace(artifact):
+        nonlocal changed
+        headers = artifact.get("headers")
+        if "url" in artifact and isinstance(headers, dict):
+            for key, value in headers.items():
+                if isinstance(value, str) and value in tokens:
+                    headers[key] = tokens[value]
+                    changed = True
+
+    for action in (data or {}).get("actions") or ():
+        deploy = action.get("deploy") if isinstance(action, dict) else None
+        if not isinstance(deploy, dict):
+            continue
+        for value in deploy.values():
+            if isinstance(value, dict):
+                replace(value)
+                for inner in value.values():
+                    if isinstance(inner, dict):
+                        replace(inner)
+    return yaml_dump(data) if changed else definition

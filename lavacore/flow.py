@@ -22,7 +22,8 @@ def job_event(job):
             "submitter": job.submitter, "priority": job.priority,
             "visibility": job.visibility, "health_check": job.health_check,
             "target_group": job.target_group or None, "sub_id": job.sub_id or None,
-            "failure_comment": job.failure_comment, "pipeline": True}
+            "failure_comment": job.failure_comment, "pipeline": True,
+            "viewing_groups": list(job.viewing_groups)}
 
 
 def device_event(device, job_id=None):

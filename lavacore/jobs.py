@@ -29,6 +29,10 @@ class JobError(ValueError):
         self.path = path
 
 
+class JobForbidden(JobError):
+    """A submission the submitter may not make (a device type of restricted groups)."""
+
+
 class Located:
     """A parsed definition together with its YAML node tree, for line numbers."""
 
@@ -147,15 +151,18 @@ def single_job(storage, doc, submitter, now, health_check=False):
 
 
 def prepare(storage, hook, master, text, submitter, now, health_check=False, config=None,
-            strict=False):
+            strict=False, policy=None):
     """Check a definition and build the Job records it would queue, without queueing
     anything (``submit --dry-run`` and ``scheduler.jobs.validate`` stop here).
 
-    ``config`` is the lab's (the master's when ``master`` is given); raises JobError."""
+    ``config`` is the lab's (the master's when ``master`` is given); ``policy`` (a
+    permissions.Policy) says whether the submitter may submit to each device type (None:
+    the master itself or the command line on its host, who may); raises JobError."""
     doc = Located(text)
     if master is not None:
         config = master.config
     check_common(doc, context_variables(config), strict)
+    _resolve_aliases(storage, doc.data)
     problems = []
     if hook is not None:
         for found in hook.validate_job(master=master, definition=doc.data, submitter=submitter):
@@ -171,15 +178,60 @@ def prepare(storage, hook, master, text, submitter, now, health_check=False, con
             raise doc.error("protocols", "multinode jobs need the multinode plugin, which is"
                             " not loaded")
         records = [single_job(storage, doc, submitter, now, health_check)]
+    groups = _viewing_groups(storage, doc)
+    for record in records:
+        record.viewing_groups = groups
+        if policy is not None and record.requested_device_type and \
+                not policy.can_submit_type(record.requested_device_type):
+            # The same words whether the type is hidden or only closed to this user.
+            raise JobForbidden("Permission denied: you may not submit jobs to device type"
+                               " %r" % record.requested_device_type, "device_type")
     return records
 
 
-def submit(storage, hook, master, text, submitter, now, health_check=False, config=None):
+def _resolve_aliases(storage, data):
+    """A device type named by one of its aliases (LAVA's) is the type itself; the
+    definition keeps what its author wrote."""
+    from .storage import NotFound
+
+    def resolve(holder):
+        name = holder.get("device_type") if isinstance(holder, dict) else None
+        if not isinstance(name, str):
+            return
+        try:
+            storage.get_device_type(name)
+        except NotFound:
+            target = storage.get_alias(name)
+            if target is not None:
+                holder["device_type"] = target
+
+    resolve(data)
+    roles = ((data.get("protocols") or {}).get("lava-multinode") or {}).get("roles")
+    if isinstance(roles, dict):
+        for role in roles.values():
+            resolve(role)
+
+
+def _viewing_groups(storage, doc):
+    """``visibility: {group: [...]}``: the groups (which must exist)."""
+    visibility = doc.data.get("visibility")
+    if not isinstance(visibility, dict):
+        return ()
+    groups = tuple(sorted(set(visibility.get("group") or ())))
+    for group in groups:
+        if not storage.group_exists(group):
+            raise doc.error_at(["visibility", "group"], "group %r does not exist" % group)
+    return groups
+
+
+def submit(storage, hook, master, text, submitter, now, health_check=False, config=None,
+           policy=None):
     """Check a definition and queue it (several jobs for a multinode group).
 
     Returns the queued Job records; raises JobError (nothing queued) when the definition
     is refused. Submitted events are the caller's to publish (Flow.submitted)."""
-    records = prepare(storage, hook, master, text, submitter, now, health_check, config)
+    records = prepare(storage, hook, master, text, submitter, now, health_check, config,
+                      policy=policy)
     with storage.transaction():
         ids = storage.insert_jobs(records)
         for index, (job, job_id) in enumerate(zip(records, ids)):

@@ -10,6 +10,7 @@ import signal
 
 import gevent
 import gevent.event
+import gevent.subprocess
 import zmq.green as zmq
 
 from . import devices, health, plugins, protocol
@@ -32,6 +33,7 @@ from .storage import NotFound, StorageError
 log = logging.getLogger("lavacore.master")
 
 START_BATCH = 50  # STARTs built between two yields to the loop in a scheduling pass
+POLICY_AGE = 5.0  # seconds a cached anonymous policy is used
 
 
 def open_storage(config, pm):
@@ -61,8 +63,12 @@ class Master:
         self._result_timers = {}
         self.health_check_cache = {}  # job id -> finished health-check Job (lavacore/health.py)
         self.local_worker = None
+        self.local_process = None
+        self._identity = None
         self.files = None
         self._storage_fault = None  # when the storage last stopped working, or None
+        self._anonymous_policy = None
+        self.events = None
 
     @property
     def hook(self):
@@ -71,6 +77,9 @@ class Master:
     # -- life cycle ---------------------------------------------------------------------
 
     def start(self):
+        from . import privileges
+
+        self._identity = privileges.wanted(self.config)  # ConfigError before anything
         if self.pm is None:
             self.pm = plugins.build(self.config)
         self.hook.configure(config=self.config, master=self)
@@ -109,6 +118,8 @@ class Master:
                 greenlet = service.start()
                 greenlet.link_exception(self._service_died)
             self._start_local_worker()
+            if self._identity is not None:
+                self._drop_privileges()
         except Exception:
             self.stop()
             raise
@@ -137,6 +148,14 @@ class Master:
         self._stopped.set()
         if self.local_worker is not None:
             self.local_worker.stop()
+        if self.local_process is not None and self.local_process.poll() is None:
+            # It kept root and we did not: it stops on its own when we are gone (it
+            # watches for that); a root master tells it at once.
+            try:
+                self.local_process.terminate()
+                self.local_process.wait(15)
+            except (OSError, gevent.subprocess.TimeoutExpired):
+                pass
         for timer in self._result_timers.values():
             timer.kill(block=False)
         for service in reversed(self.services):
@@ -213,26 +232,48 @@ class Master:
                                            is_public=item.public)
 
     def _start_local_worker(self):
+        """The [local_worker]: in this process, or in a process of its own, started while
+        this one is still root, when the master drops root."""
         local = self.config.local_worker
         if local is None:
             return
-        from .worker.slave import Worker as LocalWorker
+        from . import localworker
 
-        master_url = local.master or _connectable(self.controller.endpoint)
-        logs_url = local.logs or _connectable(self.logs.endpoint)
-        options = dict(local.options)
-        for key in ("master_cert", "worker_cert"):
-            if options.get(key):
-                options[key] = self.config.resolve(options[key])
-        try:
-            self.local_worker = LocalWorker(
-                master=master_url, logs=logs_url, hostname=local.hostname,
-                work_dir=self.config.resolve(local.work_dir), runner=local.runner, **options)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError("[local_worker] options: %s" % exc) from None
+        master_url = _connectable(self.controller.endpoint)
+        logs_url = _connectable(self.logs.endpoint)
+        if self._identity is not None:
+            import sys
+
+            self.local_process = gevent.subprocess.Popen(
+                [sys.executable, "-m", "lavacore.localworker", os.path.abspath(
+                    self.config.path), master_url, logs_url], stdin=gevent.subprocess.DEVNULL)
+            log.info("local worker %s started as process %d (work dir %s)", local.hostname,
+                     self.local_process.pid, self.config.resolve(local.work_dir))
+            return
+        if local.run_as and os.geteuid() != 0:
+            raise ConfigError("[local_worker] run_as: %s, but the master does not run as"
+                              " root" % local.run_as)
+        self.local_worker = localworker.build(self.config, master_url, logs_url)
         self.local_worker.start()
         log.info("local worker %s started (work dir %s)", local.hostname,
                  self.config.resolve(local.work_dir))
+
+    def _drop_privileges(self):
+        """[master] user: the sockets are bound; give the database and the job output to
+        that user, and become it."""
+        from . import privileges
+
+        target = self._identity
+        os.makedirs(self.output_root, exist_ok=True)
+        paths = [self.output_root]
+        database = getattr(self.storage, "path", None)
+        if database:
+            paths += [database, database + "-wal", database + "-shm",
+                      os.path.dirname(database)]
+        changed = privileges.give(paths, target)
+        if changed:
+            log.info("gave %d file(s) and directories to %s", changed, target.name)
+        privileges.drop(target)
 
     # -- reactions ----------------------------------------------------------------------
 
@@ -253,11 +294,32 @@ class Master:
             if data.get("state") == "Idle" and data.get("health") in ("Good", "Unknown",
                                                                        "Looping"):
                 self.scheduler.wake()
+        elif kind == "permissions":  # changed by another process (the command line)
+            self.permissions_changed()
         elif kind in ("worker", "reload", "resync"):
             # resync: the notification channel reconnected and may have missed changes.
             if kind == "reload":
                 self.templates.reload()
             self.scheduler.wake(full=kind == "resync")
+
+    def permissions_changed(self):
+        """Who may see or do what changed: cached policies are dropped, and a pass runs."""
+        self._anonymous_policy = None
+        if self.events is not None:
+            self.events.permissions_changed()
+        self.scheduler.wake()
+
+    def anonymous_policy(self):
+        """The policy of an anonymous caller (the event PUB socket's subscribers), read
+        again every few seconds and whenever permissions change."""
+        cached = self._anonymous_policy
+        if cached is None or self.clock.monotonic() - cached[1] > POLICY_AGE:
+            from . import permissions
+
+            cached = self._anonymous_policy = (
+                permissions.Policy(self.storage, permissions.ANONYMOUS),
+                self.clock.monotonic())
+        return cached[0]
 
     def notified(self, payload):
         """A change made by another process (see Storage.publish_event)."""
@@ -348,12 +410,23 @@ class Master:
             # Kept for resends and the API (jobs.configuration), written off the loop.
             owner = job if message.job_id == job.id else self.storage.get_job(message.job_id)
             self.files.write_start(owner, message.files())
-            self.send_start(message)
+            self.send_start(message.worker, owner, message.frames())
 
-    def send_start(self, message):
-        if message.worker not in self.controller.seen:
+    def send_start(self, worker, job, texts):
+        if worker not in self.controller.seen:
             return  # resent when the worker comes online
-        self.controller.send(message.worker, protocol.start(message.job_id, *message.frames()))
+        texts = list(texts)
+        texts[0] = self._for_worker(job, texts[0])
+        self.controller.send(worker, protocol.start(job.id, *texts))
+
+    def _for_worker(self, job, definition):
+        """The definition as the worker gets it: a deploy header naming one of the
+        submitter's remote artifact tokens carries the token's value (LAVA's remote
+        artifact tokens). The master's copy (job.yaml, the API) keeps the names."""
+        if "headers" not in definition or not job.submitter:
+            return definition
+        tokens = self.storage.artifact_tokens(job.submitter)
+        return devices.with_artifact_tokens(definition, tokens) if tokens else definition
 
     def fail_job_setup(self, job, reason):
         log.error("[job %d] cannot start: %s", job.id, reason)
@@ -376,7 +449,7 @@ class Master:
                     else None
                 self.start_job(job, device)
             else:
-                self.controller.send(job.worker, protocol.start(job.id, *texts))
+                self.send_start(job.worker, job, texts)
 
     def send_cancel(self, job_id):
         job_id = _int(job_id)

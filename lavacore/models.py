@@ -5,6 +5,9 @@ import dataclasses
 import datetime
 import os
 
+import yaml
+
+from . import safeyaml
 from .states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 
 
@@ -93,6 +96,7 @@ class Job:
     error_type: str = None
     error_msg: str = None
     end_seen: float = None      # when END (with a description) arrived, waiting for result
+    viewing_groups: tuple = ()  # visibility "group": the groups whose members may see it
 
     @property
     def is_multinode(self):
@@ -110,7 +114,7 @@ class Job:
                 "submitter": self.submitter, "device_type": self.requested_device_type,
                 "device": self.actual_device, "worker": self.worker,
                 "priority": self.priority, "visibility": self.visibility,
-                "tags": list(self.tags), "submit_time": iso(self.submit_time),
+                "viewing_groups": list(self.viewing_groups), "tags": list(self.tags), "submit_time": iso(self.submit_time),
                 "start_time": iso(self.start_time), "end_time": iso(self.end_time),
                 "failure_comment": self.failure_comment, "health_check": self.health_check,
                 "target_group": self.target_group or None, "sub_id": self.sub_id or None,
@@ -133,7 +137,38 @@ class TestCase:
     logged: float = None
     id: int = None
 
+    def parsed_metadata(self):
+        """The metadata the runner logged with the case (a dict; {"raw": text} when it is
+        not YAML)."""
+        if not self.metadata:
+            return {}
+        try:
+            data = safeyaml.load(self.metadata)
+        except (yaml.YAMLError, ValueError):
+            return {"raw": self.metadata}
+        return data if isinstance(data, dict) else {"raw": self.metadata}
+
     def to_dict(self):
         return {"id": self.id, "job": self.job_id, "suite": self.suite, "name": self.name,
                 "result": self.result, "measurement": self.measurement, "unit": self.units,
-                "logged": iso(self.logged)}
+                "logged": iso(self.logged), "metadata": self.parsed_metadata()}
+
+
+@dataclasses.dataclass
+class User:
+    username: str
+    first_name: str = ""
+    last_name: str = ""
+    email: str = ""
+    is_active: bool = True
+    is_staff: bool = False
+    is_superuser: bool = False
+    date_joined: float = None
+    last_login: float = None
+
+    def to_dict(self):
+        return {"username": self.username, "first_name": self.first_name,
+                "last_name": self.last_name, "email": self.email,
+                "is_active": self.is_active, "is_staff": self.is_staff,
+                "is_superuser": self.is_superuser, "date_joined": iso(self.date_joined),
+                "last_login": iso(self.last_login)}

@@ -16,10 +16,11 @@ import json
 
 import gevent.lock
 
+from .accountstore import AccountStorage
 from .models import Device, DeviceType, Job, TestCase, Worker
 from .states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_JOB_ID = 2 ** 63 - 1
 ALIVE_CHUNK = 500  # hostnames per statement in workers_alive
 
@@ -58,6 +59,7 @@ JOB_COLUMNS = {
     "original_definition": _TEXT, "failure_comment": _TEXT, "health_check": _BOOL,
     "target_group": _TEXT, "sub_id": _TEXT, "infrastructure_error": _BOOL, "result": _TEXT,
     "error_type": _TEXT, "error_msg": _TEXT, "end_seen": _REAL,
+    "viewing_groups": (_tags_out, _tags_in),
 }
 DEVICE_COLUMNS = {
     "hostname": _TEXT, "device_type": _TEXT, "worker": _TEXT,
@@ -114,9 +116,14 @@ DEVICE_TYPES = Table("device_types", DeviceType, DEVICE_TYPE_COLUMNS, "name")
 TESTCASES = Table("testcases", TestCase, TESTCASE_COLUMNS, "id")
 
 QUEUED = (int(JobState.SUBMITTED),)
+TOKEN_FIELDS = ("id", "username", "description", "created", "last_used", "expires")
 
 
-class SQLStorage:
+def _visible(job_filter):
+    return None if job_filter is None else job_filter.sql()
+
+
+class SQLStorage(AccountStorage):
     """The storage interface over a DB-API connection. Subclasses provide:
 
     ``_connection()`` (a context manager yielding a connection for this greenlet),
@@ -192,8 +199,11 @@ class SQLStorage:
     def _one(self, statement, params=()):
         return self._execute(statement, params).fetchone()
 
-    def _where(self, table, filters):
+    def _where(self, table, filters, extra=None):
         clauses, params = [], []
+        if extra is not None:
+            clauses.append(extra[0])
+            params.extend(extra[1])
         for column, value in filters.items():
             if value is None:
                 continue
@@ -217,15 +227,15 @@ class SQLStorage:
                                                      key))
         return table.decode(row)
 
-    def _list(self, table, order, limit=None, offset=0, **filters):
-        where, params = self._where(table, filters)
+    def _list(self, table, order, limit=None, offset=0, extra=None, **filters):
+        where, params = self._where(table, filters, extra)
         statement = "%s%s ORDER BY %s" % (table.select, where, order)
         if limit is not None:
             statement += " LIMIT %d OFFSET %d" % (int(limit), int(offset))
         return [table.decode(row) for row in self._all(statement, params)]
 
-    def _count(self, table, **filters):
-        where, params = self._where(table, filters)
+    def _count(self, table, extra=None, **filters):
+        where, params = self._where(table, filters, extra)
         return self._one("SELECT COUNT(*) FROM %s%s" % (table.name, where), params)[0]
 
     def _update(self, table, key, fields):
@@ -366,7 +376,20 @@ class SQLStorage:
     # -- jobs ---------------------------------------------------------------------------
 
     def insert_jobs(self, jobs):
-        """Queue ``jobs`` (Job records without ids) in one transaction; returns their ids."""
+        """Queue ``jobs`` (Job records without ids) in one transaction; returns their ids.
+        The groups that may see a group-visible job go to job_groups, where a listing can
+        check "member of every one" in SQL."""
+        if not any(job.viewing_groups for job in jobs):
+            return self._insert_job_rows(jobs)
+        with self.transaction() as conn:
+            ids = self._insert_job_rows(jobs)
+            conn.cursor().executemany(
+                self._sql("INSERT INTO job_groups (job_id, group_name) VALUES (?, ?)"),
+                [(job_id, group) for job_id, job in zip(ids, jobs)
+                 for group in job.viewing_groups])
+        return ids
+
+    def _insert_job_rows(self, jobs):
         ids = []
         with self.transaction():
             for job in jobs:
@@ -380,14 +403,16 @@ class SQLStorage:
             raise NotFound("job %d does not exist" % job_id)
         return self._get(JOBS, job_id, lock)
 
-    def list_jobs(self, limit=None, offset=0, order="id", **filters):
+    def list_jobs(self, limit=None, offset=0, order="id", visible=None, **filters):
+        """Jobs matching ``filters``; ``visible`` (a permissions.JobFilter) keeps those its
+        user may see."""
         if order not in ("id", "-id", "submit_time", "-submit_time", "end_time", "-end_time"):
             raise ValueError("cannot order jobs by %r" % order)
         sql_order = order.lstrip("-") + (" DESC" if order.startswith("-") else "")
-        return self._list(JOBS, sql_order, limit, offset, **filters)
+        return self._list(JOBS, sql_order, limit, offset, extra=_visible(visible), **filters)
 
-    def count_jobs(self, **filters):
-        return self._count(JOBS, **filters)
+    def count_jobs(self, visible=None, **filters):
+        return self._count(JOBS, extra=_visible(visible), **filters)
 
     def update_job(self, job_id, **fields):
         self._update(JOBS, int(job_id), fields)
@@ -476,18 +501,39 @@ class SQLStorage:
 
     # -- tokens -------------------------------------------------------------------------
 
-    def add_token(self, username, digest, description, now):
-        self._execute("INSERT INTO tokens (username, digest, description, created)"
-                      " VALUES (?, ?, ?, ?)", (username, digest, description, now))
+    def add_token(self, username, digest, description, now, expires=None):
+        """Store a token's hash; returns its id."""
+        with self.transaction():  # RETURNING's row is read before the commit
+            return self._execute(
+                "INSERT INTO tokens (username, digest, description, created, expires)"
+                " VALUES (?, ?, ?, ?, ?) RETURNING id",
+                (username, digest, description, now, expires)).fetchone()[0]
+
+    def token_record(self, digest):
+        """(id, username, expires, last_used) of the token with this hash, or None."""
+        row = self._one("SELECT id, username, expires, last_used FROM tokens WHERE digest = ?",
+                        (digest,))
+        return tuple(row) if row else None
 
     def token_user(self, digest):
-        row = self._one("SELECT username FROM tokens WHERE digest = ?", (digest,))
-        return row[0] if row else None
+        record = self.token_record(digest)
+        return record[1] if record else None
+
+    def token_used(self, token_id, now):
+        self._execute("UPDATE tokens SET last_used = ? WHERE id = ?", (now, int(token_id)))
 
     def list_tokens(self, username=None):
+        """[{id, username, description, created, last_used, expires}] (never the hash)."""
         where, params = ("WHERE username = ?", (username,)) if username else ("", ())
-        return self._all("SELECT id, username, description, created FROM tokens %s ORDER BY id"
-                         % where, params)
+        return [dict(zip(TOKEN_FIELDS, row)) for row in self._all(
+            "SELECT %s FROM tokens %s ORDER BY id" % (", ".join(TOKEN_FIELDS), where), params)]
+
+    def get_token(self, token_id):
+        row = self._one("SELECT %s FROM tokens WHERE id = ?" % ", ".join(TOKEN_FIELDS),
+                        (int(token_id),))
+        if row is None:
+            raise NotFound("token %s does not exist" % token_id)
+        return dict(zip(TOKEN_FIELDS, row))
 
     def delete_token(self, token_id):
         return self._execute("DELETE FROM tokens WHERE id = ?", (int(token_id),)).rowcount
@@ -566,7 +612,8 @@ DDL = [
         original_definition TEXT NOT NULL, failure_comment TEXT,
         health_check INTEGER NOT NULL DEFAULT 0, target_group TEXT NOT NULL DEFAULT '',
         sub_id TEXT NOT NULL DEFAULT '', infrastructure_error INTEGER NOT NULL DEFAULT 0,
-        result TEXT, error_type TEXT, error_msg TEXT, end_seen {REAL})""",
+        result TEXT, error_type TEXT, error_msg TEXT, end_seen {REAL},
+        viewing_groups TEXT NOT NULL DEFAULT '[]')""",
     "CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, requested_device_type, priority)",
     # Schema 2: the scheduler reads each queued tag set of a type separately.
     "CREATE INDEX IF NOT EXISTS jobs_queue_tags ON jobs"
@@ -579,11 +626,64 @@ DDL = [
     "CREATE INDEX IF NOT EXISTS testcases_job ON testcases (job_id)",
     """CREATE TABLE IF NOT EXISTS tokens (
         id {SERIAL}, username TEXT NOT NULL, digest TEXT NOT NULL UNIQUE,
-        description TEXT NOT NULL DEFAULT '', created {REAL})""",
+        description TEXT NOT NULL DEFAULT '', created {REAL}, last_used {REAL},
+        expires {REAL})""",
     """CREATE TABLE IF NOT EXISTS history (
         id {SERIAL}, kind TEXT NOT NULL, name TEXT NOT NULL, old TEXT, new TEXT,
         username TEXT, reason TEXT, time {REAL})""",
     "CREATE INDEX IF NOT EXISTS history_name ON history (kind, name)",
     """CREATE TABLE IF NOT EXISTS blobs (
         kind TEXT NOT NULL, name TEXT NOT NULL, content TEXT, PRIMARY KEY (kind, name))""",
+    # Schema 3: who may do what (lavacore/permissions.py), and the audit trail.
+    """CREATE TABLE IF NOT EXISTS users (
+        username TEXT PRIMARY KEY, first_name TEXT NOT NULL DEFAULT '',
+        last_name TEXT NOT NULL DEFAULT '', email TEXT NOT NULL DEFAULT '',
+        is_active INTEGER NOT NULL DEFAULT 1, is_staff INTEGER NOT NULL DEFAULT 0,
+        is_superuser INTEGER NOT NULL DEFAULT 0, date_joined {REAL}, last_login {REAL})""",
+    "CREATE TABLE IF NOT EXISTS user_groups (name TEXT PRIMARY KEY)",
+    """CREATE TABLE IF NOT EXISTS group_members (
+        group_name TEXT NOT NULL, username TEXT NOT NULL, PRIMARY KEY (group_name, username))""",
+    "CREATE INDEX IF NOT EXISTS group_members_user ON group_members (username)",
+    # Model-wide permissions (LAVA's Django permissions: app, model, codename) of a user
+    # or a group.
+    """CREATE TABLE IF NOT EXISTS permissions (
+        holder_kind TEXT NOT NULL, holder TEXT NOT NULL, app TEXT NOT NULL,
+        model TEXT NOT NULL, codename TEXT NOT NULL,
+        PRIMARY KEY (holder_kind, holder, app, model, codename))""",
+    # Per-object permissions of groups (LAVA's GroupDeviceTypePermission and
+    # GroupDevicePermission): kind 'devicetype' or 'device'.
+    """CREATE TABLE IF NOT EXISTS object_permissions (
+        kind TEXT NOT NULL, name TEXT NOT NULL, group_name TEXT NOT NULL,
+        codename TEXT NOT NULL, PRIMARY KEY (kind, name, group_name, codename))""",
+    "CREATE TABLE IF NOT EXISTS tags (name TEXT PRIMARY KEY, description TEXT NOT NULL DEFAULT '')",
+    """CREATE TABLE IF NOT EXISTS job_groups (
+        job_id {BIGINT} NOT NULL, group_name TEXT NOT NULL, PRIMARY KEY (job_id, group_name))""",
+    "CREATE TABLE IF NOT EXISTS aliases (name TEXT PRIMARY KEY, device_type TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS artifact_tokens (
+        username TEXT NOT NULL, name TEXT NOT NULL, token TEXT NOT NULL,
+        PRIMARY KEY (username, name))""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        id {SERIAL}, time {REAL}, username TEXT, kind TEXT NOT NULL, name TEXT NOT NULL,
+        action TEXT NOT NULL, before TEXT, after TEXT)""",
+    "CREATE INDEX IF NOT EXISTS audit_object ON audit (kind, name)",
+    "CREATE INDEX IF NOT EXISTS audit_time ON audit (time)",
 ]
+
+# Columns added to tables of an earlier schema, by the version that added them; applied
+# (after DDL) to a database of an older version only, since DDL creates new tables whole.
+UPGRADES = {
+    3: ["ALTER TABLE tokens ADD COLUMN last_used {REAL}",
+        "ALTER TABLE tokens ADD COLUMN expires {REAL}",
+        "ALTER TABLE jobs ADD COLUMN viewing_groups TEXT NOT NULL DEFAULT '[]'",
+        # Token holders were users without a record: now plain users.
+        "INSERT INTO users (username) SELECT DISTINCT username FROM tokens"
+        " ON CONFLICT (username) DO NOTHING"],
+}
+
+
+def upgrade_statements(old):
+    """The UPGRADES a database at schema ``old`` needs (none for a new one)."""
+    if old <= 0:
+        return []
+    return [statement for version in sorted(UPGRADES) if version > old
+            for statement in UPGRADES[version]]

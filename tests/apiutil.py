@@ -63,8 +63,11 @@ class ApiLab(Lab):
         return self.master.api.url
 
     def token(self, user="alice"):
+        """A token of ``user`` (made a plain user); the user "admin" is a superuser."""
         if user not in self.tokens:
-            self.tokens[user] = tokens.create(self.storage, user, "tests", time.time())
+            self.tokens[user] = tokens.create(self.storage, user, "tests", time.time())[1]
+            if user == "admin":
+                self.storage.update_user(user, is_superuser=True)
         return self.tokens[user]
 
     def rpc_url(self, user=None, token=None):

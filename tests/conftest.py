@@ -54,16 +54,17 @@ DEVICE_TYPE = "{% extends 'base.jinja2' %}\n{% block body %}\nrole: {{ role | de
 
 
 def write_config(tmp_path, devices=(("qemu01", "qemu", "worker1", ()),), master=None,
-                 extra="", storage=None):
-    """A config.toml in tmp_path with its dispatcher config; returns its path."""
+                 extra="", storage=None, real_types=("host",)):
+    """A config.toml in tmp_path with its dispatcher config; returns its path. The device
+    types of ``devices`` get a small test template, except ``real_types`` (the shipped
+    templates, as under etc/)."""
     etc = tmp_path / "etc"
     if not etc.exists():
         shutil.copytree(os.path.join(ROOT, "etc"), etc)
     types = {d[1] for d in devices}
-    for device_type in types:
+    for device_type in types - set(real_types):
         path = etc / "dispatcher-config" / "device-types" / ("%s.jinja2" % device_type)
-        if not path.exists():
-            path.write_text(DEVICE_TYPE)
+        path.write_text(DEVICE_TYPE)
     for hostname, device_type, _worker, _tags in devices:
         (etc / "dispatcher-config" / "devices" / ("%s.jinja2" % hostname)).write_text(
             "{%% extends '%s.jinja2' %%}\n{%% set device_type = '%s' %%}\n"
@@ -86,6 +87,9 @@ def write_config(tmp_path, devices=(("qemu01", "qemu", "worker1", ()),), master=
         lines += ["[[devices]]", 'hostname = "%s"' % hostname,
                   'device_type = "%s"' % device_type, 'worker = "%s"' % worker,
                   "tags = [%s]" % ", ".join('"%s"' % t for t in tags), 'health = "Good"']
+    if "[coordinator]" not in extra:
+        # An OS-chosen port: masters of several tests may run at once.
+        lines.append('[coordinator]\nlisten = "tcp://127.0.0.1:0"')
     path = tmp_path / "config.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return str(path)

@@ -75,12 +75,13 @@ def test_service_listens_on_os_chosen_port_and_says_where(api, caplog):
     assert lab.json("GET", "/")["xmlrpc"] == "/RPC2"
 
 
-def test_system_methods_and_version_lavacli_reads_as_zmq_era(api):
+def test_system_methods_and_version_light_up_every_lavacli_command(api):
     lab = api()
     anonymous, alice = lab.rpc(), lab.rpc("alice")
     version = anonymous.system.version()
     match = re.match(r"(20\d{2})\.(\d{1,2})", version)
-    assert match and (int(match.group(1)), int(match.group(2))) < (2020, 9)
+    # lavacli 3.1 offers users and groups from 2023.03 (and events over /ws/ from 2020.09)
+    assert match and (int(match.group(1)), int(match.group(2))) >= (2023, 3)
     assert anonymous.system.api_version() == 2
     assert anonymous.system.whoami() is None
     assert alice.system.whoami() == "alice"
@@ -175,16 +176,20 @@ def test_unknown_methods_bad_arguments_and_injection_are_faults(api):
     for bad in ("abc", "1; DROP TABLE jobs", "1 OR 1=1", -1, "99999999999999999999", "",
                 [1], {"id": 1}, True):
         assert fault(alice.scheduler.jobs.show, bad).faultCode == 400, bad
+    admin = lab.rpc("admin")  # (worker files are an administrator's to read)
     for name in ("../../etc/passwd", "qemu01' OR '1'='1", "a/b", ".hidden", "x" * 300, "",
                  "qemu01\x00", None, 42):
         # (a NUL cannot even be sent in XML: that one is a parse error)
-        for call in (alice.scheduler.devices.show, alice.scheduler.workers.get_config,
+        for call in (alice.scheduler.devices.show, admin.scheduler.workers.get_config,
                      alice.scheduler.device_types.get_template):
             assert fault(call, name).faultCode in (400, -32700), name
     assert fault(alice.scheduler.jobs.list, "NOSTATE").faultCode == 400
     assert fault(alice.scheduler.jobs.list, None, None, "zero").faultCode == 400
-    assert fault(alice.scheduler.devices.update, "qemu01", None, None, None, None,
+    assert fault(admin.scheduler.devices.update, "qemu01", None, None, None, None,
                  "SHINY").faultCode == 400
+    # (alice may not change a device at all: refused before her arguments are read)
+    assert fault(alice.scheduler.devices.update, "qemu01", None, None, None, None,
+                 "SHINY").faultCode == 403
     # Nothing was harmed: the job and the tables are all there.
     assert lab.job(job_id).state == JobState.SUBMITTED
     assert [d.hostname for d in lab.storage.list_devices()] == ["qemu01"]
@@ -290,111 +295,114 @@ def test_logs_results_and_configuration_of_a_finished_job(api):
 def test_admin_changes_take_effect_at_once(api):
     lab = api()
     worker = lab.worker()
-    alice = lab.rpc("alice")
+    admin = lab.rpc("admin")
     # A new device, with its dictionary set through the API, takes a job at once.
     assert fault(lab.rpc().scheduler.devices.add, "qemu02", "qemu", "worker1").faultCode == 401
-    assert fault(alice.scheduler.devices.add, "qemu02", "nosuch", "worker1").faultCode == 404
-    assert fault(alice.scheduler.devices.add, "qemu01", "qemu", "worker1").faultCode == 400
-    alice.scheduler.devices.update("qemu01", None, None, None, None, "MAINTENANCE", None)
+    assert fault(admin.scheduler.devices.add, "qemu02", "nosuch", "worker1").faultCode == 404
+    assert fault(admin.scheduler.devices.add, "qemu01", "qemu", "worker1").faultCode == 400
+    admin.scheduler.devices.update("qemu01", None, None, None, None, "MAINTENANCE", None)
     assert lab.storage.get_device("qemu01").health == DeviceHealth.MAINTENANCE
-    alice.scheduler.devices.add("qemu02", "qemu", "worker1", None, None, True, "GOOD")
-    bad = fault(alice.scheduler.devices.set_dictionary, "qemu02", "{% extends 'qemu.jinja2' %}"
+    admin.scheduler.devices.add("qemu02", "qemu", "worker1", None, None, True, "GOOD")
+    bad = fault(admin.scheduler.devices.set_dictionary, "qemu02", "{% extends 'qemu.jinja2' %}"
                 "\n{% set x = %}\n")
     assert bad.faultCode == 400 and "line 2" in bad.faultString
-    assert alice.scheduler.devices.set_dictionary(
+    assert admin.scheduler.devices.set_dictionary(
         "qemu02", "{% extends 'qemu.jinja2' %}\n{% set device_type = 'qemu' %}\n"
         "{% set role = 'from-the-api' %}\n") is True
-    job_id = alice.scheduler.jobs.submit(job_yaml())
+    job_id = admin.scheduler.jobs.submit(job_yaml())
     frames = worker.expect("START", timeout=3)
     assert frames[1] == str(job_id).encode()
     assert yaml.safe_load(frames[3])["role"] == "from-the-api"
     assert lab.job(job_id).actual_device == "qemu02"
-    dictionary = alice.scheduler.devices.get_dictionary("qemu02").data.decode()
+    dictionary = admin.scheduler.devices.get_dictionary("qemu02").data.decode()
     assert "from-the-api" in dictionary
-    rendered = yaml.safe_load(alice.scheduler.devices.get_dictionary("qemu02", True).data)
+    rendered = yaml.safe_load(admin.scheduler.devices.get_dictionary("qemu02", True).data)
     assert rendered["role"] == "from-the-api"
-    shown = alice.scheduler.devices.show("qemu02")
+    shown = admin.scheduler.devices.show("qemu02")
     assert shown["has_device_dict"] and shown["current_job"] == job_id
     # Canceling a running job reaches the worker at once.
     worker.send("START_OK", job_id)
     lab.wait_for(lambda: lab.job(job_id).state == JobState.RUNNING)
-    alice.scheduler.jobs.cancel(job_id)
+    admin.scheduler.jobs.cancel(job_id)
     assert worker.expect("CANCEL", timeout=2)[1] == str(job_id).encode()
     worker.end(job_id, description=None)
     worker.expect("END_OK", skip=(b"PONG", b"CANCEL"))
     lab.wait_for(lambda: lab.job(job_id).health == JobHealth.CANCELED)
     # A worker put in maintenance takes its devices with it; nothing more is scheduled.
-    alice.scheduler.workers.update("worker1", None, "MAINTENANCE")
+    admin.scheduler.workers.update("worker1", None, "MAINTENANCE")
     assert lab.storage.get_worker("worker1").health == WorkerHealth.MAINTENANCE
     assert lab.storage.get_device("qemu02").health == DeviceHealth.MAINTENANCE
-    held = alice.scheduler.jobs.submit(job_yaml())
+    held = admin.scheduler.jobs.submit(job_yaml())
     lab.settled(worker)
     assert lab.job(held).state == JobState.SUBMITTED
-    alice.scheduler.workers.update("worker1", None, "ACTIVE")
-    alice.scheduler.devices.update("qemu02", None, None, None, None, "GOOD", None)
+    admin.scheduler.workers.update("worker1", None, "ACTIVE")
+    admin.scheduler.devices.update("qemu02", None, None, None, None, "GOOD", None)
     assert worker.expect("START", timeout=3)[1] == str(held).encode()
     # Tags.
-    alice.scheduler.devices.tags.add("qemu02", "usb")
-    assert alice.scheduler.devices.tags.list("qemu02") == ["usb"]
-    assert fault(alice.scheduler.devices.tags.delete, "qemu02", "nosuch").faultCode == 404
-    alice.scheduler.devices.tags.delete("qemu02", "usb")
-    assert alice.scheduler.devices.tags.list("qemu02") == []
+    admin.scheduler.devices.tags.add("qemu02", "usb")
+    assert admin.scheduler.devices.tags.list("qemu02") == ["usb"]
+    assert fault(admin.scheduler.devices.tags.delete, "qemu02", "nosuch").faultCode == 404
+    admin.scheduler.devices.tags.delete("qemu02", "usb")
+    assert admin.scheduler.devices.tags.list("qemu02") == []
     history = lab.storage.list_history("device", "qemu01")
-    assert {(h["user"], h["new"]) for h in history} >= {("alice", "Maintenance"),
-                                                        ("alice", "Unknown")}
+    assert {(h["user"], h["new"]) for h in history} >= {("admin", "Maintenance"),
+                                                        ("admin", "Unknown")}
 
 
 def test_device_types_and_worker_files(api):
     lab = api()
-    alice, anonymous = lab.rpc("alice"), lab.rpc()
-    alice.scheduler.device_types.add("bbb", "BeagleBone", True, False, 12, "jobs")
-    assert fault(alice.scheduler.device_types.add, "bbb", None, True, False, 24,
+    admin, anonymous = lab.rpc("admin"), lab.rpc()
+    admin.scheduler.device_types.add("bbb", "BeagleBone", True, False, 12, "jobs")
+    assert fault(admin.scheduler.device_types.add, "bbb", None, True, False, 24,
                  "hours").faultCode == 400
-    assert fault(alice.scheduler.device_types.add, "x", None, True, False, 24,
+    assert fault(admin.scheduler.device_types.add, "x", None, True, False, 24,
                  "weeks").faultCode == 400
     shown = anonymous.scheduler.device_types.show("bbb")
     assert (shown["health_frequency"], shown["health_denominator"]) == (12, "Jobs")
-    alice.scheduler.device_types.update("bbb", None, None, None, 6, "hours", True)
+    admin.scheduler.device_types.update("bbb", None, None, None, 6, "hours", True)
     shown = anonymous.scheduler.device_types.show("bbb")
     assert (shown["health_frequency"], shown["health_disabled"]) == (6, True)
     listed = {d["name"]: d for d in anonymous.scheduler.device_types.list()}
     assert listed["qemu"]["devices"] == 1 and listed["qemu"]["template"] is True
     assert listed["bbb"]["template"] is False
-    bad = fault(alice.scheduler.device_types.set_template, "bbb", "{% block x %}\n{% if %}")
+    bad = fault(admin.scheduler.device_types.set_template, "bbb", "{% block x %}\n{% if %}")
     assert bad.faultCode == 400 and "line 2" in bad.faultString
-    alice.scheduler.device_types.set_template("bbb", "{% extends 'base.jinja2' %}\n")
+    admin.scheduler.device_types.set_template("bbb", "{% extends 'base.jinja2' %}\n")
     assert anonymous.scheduler.device_types.get_template("bbb.jinja2").data.startswith(
         b"{% extends")
     assert fault(anonymous.scheduler.device_types.get_health_check, "bbb").faultCode == 404
-    bad = fault(alice.scheduler.device_types.set_health_check, "bbb",
+    bad = fault(admin.scheduler.device_types.set_health_check, "bbb",
                 job_yaml().replace("visibility: public", "visibility: nobody"))
     assert bad.faultCode == 400 and "line 4: visibility" in bad.faultString
-    alice.scheduler.device_types.set_health_check("bbb", job_yaml(device_type="bbb"))
+    admin.scheduler.device_types.set_health_check("bbb", job_yaml(device_type="bbb"))
     assert b"device_type: bbb" in anonymous.scheduler.device_types.get_health_check("bbb").data
     # Workers and their files.
-    alice.scheduler.workers.add("worker2", "second", False)
-    assert fault(alice.scheduler.workers.add, "worker2").faultCode == 400
+    admin.scheduler.workers.add("worker2", "second", False)
+    assert fault(admin.scheduler.workers.add, "worker2").faultCode == 400
     assert anonymous.scheduler.workers.list() == ["worker1", "worker2"]
     shown = anonymous.scheduler.workers.show("worker2")
     assert shown["description"] == "second" and isinstance(shown["last_ping"],
                                                           xmlrpc.client.DateTime)
-    assert fault(anonymous.scheduler.workers.get_config, "worker2").faultCode == 404
-    bad = fault(alice.scheduler.workers.set_config, "worker2", "a: [1,\n")
+    assert fault(admin.scheduler.workers.get_config, "worker2").faultCode == 404
+    # Worker files may hold a lab's credentials: an administrator's to read.
+    assert fault(anonymous.scheduler.workers.get_config, "worker2").faultCode == 401
+    assert fault(lab.rpc("alice").scheduler.workers.get_config, "worker2").faultCode == 403
+    bad = fault(admin.scheduler.workers.set_config, "worker2", "a: [1,\n")
     assert bad.faultCode == 400 and "invalid YAML" in bad.faultString
     assert fault(anonymous.scheduler.workers.set_config, "worker2", "a: 1\n").faultCode == 401
     for kind in ("config", "env", "env_dut"):
-        assert getattr(alice.scheduler.workers, "set_" + kind)("worker2", "k: %s\n" % kind)
-        got = getattr(anonymous.scheduler.workers, "get_" + kind)("worker2")
+        assert getattr(admin.scheduler.workers, "set_" + kind)("worker2", "k: %s\n" % kind)
+        got = getattr(admin.scheduler.workers, "get_" + kind)("worker2")
         assert got.data == ("k: %s\n" % kind).encode()
     assert anonymous.scheduler.workers.show("worker2")["default_env"] is False
-    assert alice.scheduler.workers.set_config("worker2", "")  # removes it again
+    assert admin.scheduler.workers.set_config("worker2", "")  # removes it again
     assert anonymous.scheduler.workers.show("worker2")["default_config"] is True
     # Without [auth_curve], there is nowhere to put a worker certificate: said so.
-    refused = fault(alice.scheduler.workers.set_certificate, "worker2",
+    refused = fault(admin.scheduler.workers.set_certificate, "worker2",
                     'metadata\ncurve\n    public-key = "%s"\n' % ("A" * 40))
     assert refused.faultCode == 400 and "workers_certs" in refused.faultString
     assert fault(anonymous.scheduler.workers.get_certificate, "worker2").faultCode == 404
-    alice.scheduler.workers.update("worker2", None, "RETIRED")
+    admin.scheduler.workers.update("worker2", None, "RETIRED")
     assert anonymous.scheduler.workers.list() == ["worker1"]
     assert anonymous.scheduler.workers.list(True) == ["worker1", "worker2"]
 
@@ -402,7 +410,7 @@ def test_device_types_and_worker_files(api):
 def test_rest_lists_filter_and_page_and_admin_changes(api):
     lab = api()
     ids = [lab.json("POST", "/api/v1/jobs/", {"definition": job_yaml(name="job %d" % n)},
-                    user="alice", expect=201)["job_ids"][0] for n in range(4)]
+                    user="admin", expect=201)["job_ids"][0] for n in range(4)]
     status, _, body = lab.http("POST", "/api/v1/jobs/", job_yaml(), user="bob",
                                headers={"Content-Type": "application/yaml"})
     assert status == 201
@@ -413,7 +421,7 @@ def test_rest_lists_filter_and_page_and_admin_changes(api):
     page = lab.json("GET", "/api/v1/jobs/?limit=2&offset=4&ordering=id")
     assert [j["id"] for j in page["results"]] == [ids[4]] and page["next"] is None
     assert lab.json("GET", "/api/v1/jobs/?submitter=bob")["count"] == 1
-    lab.json("POST", "/api/v1/jobs/%d/cancel/" % ids[0], user="alice")
+    lab.json("POST", "/api/v1/jobs/%d/cancel/" % ids[0], user="admin")
     assert lab.json("GET", "/api/v1/jobs/?state=finished&health=CANCELED")["count"] == 1
     assert lab.json("GET", "/api/v1/jobs/?state=Submitted")["count"] == 4
     for path, status in (("/api/v1/jobs/?state=nosuch", 400), ("/api/v1/jobs/?colour=red", 400),
@@ -425,38 +433,39 @@ def test_rest_lists_filter_and_page_and_admin_changes(api):
         assert lab.http("GET", path)[0] == status, path
     assert lab.http("DELETE", "/api/v1/jobs/")[0] == 405
     assert lab.http("POST", "/api/v1/jobs/", {"definition": job_yaml()})[0] == 401
-    refused = lab.json("POST", "/api/v1/jobs/", {"definition": "priority: [\n"}, user="alice",
+    refused = lab.json("POST", "/api/v1/jobs/", {"definition": "priority: [\n"}, user="admin",
                        expect=400)
     assert "line" in refused["error"] and refused["code"] == 400
     assert lab.json("POST", "/api/v1/jobs/validate/", {"definition": job_yaml()})["valid"]
     assert lab.http("GET", "/api/v1/jobs/%d/definition/" % ids[1])[2].startswith(b"device_type")
     # Devices, workers and device types.
     device = lab.json("PATCH", "/api/v1/devices/qemu01/", {"health": "maintenance",
-                                                           "reason": "cable"}, user="alice")
+                                                           "reason": "cable"}, user="admin")
     assert device["health"] == "Maintenance" and device["history"][0]["reason"] == "cable"
-    assert lab.json("PATCH", "/api/v1/devices/qemu01/", {"colour": "red"}, user="alice",
+    assert lab.json("PATCH", "/api/v1/devices/qemu01/", {"colour": "red"}, user="admin",
                     expect=400)["error"].startswith("unknown field")
     lab.json("POST", "/api/v1/devices/", {"hostname": "qemu03", "device_type": "qemu",
                                           "worker": "worker1", "tags": ["usb"]},
-             user="alice", expect=201)
+             user="admin", expect=201)
     assert lab.json("POST", "/api/v1/devices/", {"hostname": "qemu03", "device_type": "qemu",
-                                                 "worker": "worker1"}, user="alice",
+                                                 "worker": "worker1"}, user="admin",
                     expect=409)
     assert lab.json("GET", "/api/v1/devices/?health=MAINTENANCE")["count"] == 1
     assert lab.json("GET", "/api/v1/devices/?limit=1")["next"]
     assert lab.http("PUT", "/api/v1/devices/qemu03/dictionary/",
-                    "{% extends 'qemu.jinja2' %}\n", user="alice")[0] == 200
+                    "{% extends 'qemu.jinja2' %}\n", user="admin")[0] == 200
     assert lab.http("GET", "/api/v1/devices/qemu03/dictionary/")[2].startswith(b"{% extends")
     assert lab.json("GET", "/api/v1/workers/")["results"][0]["hostname"] == "worker1"
     worker = lab.json("PATCH", "/api/v1/workers/worker1/", {"health": "MAINTENANCE"},
-                      user="alice")
+                      user="admin")
     assert worker["health"] == "Maintenance" and set(worker["devices"]) == {"qemu01", "qemu03"}
     assert lab.storage.get_device("qemu03").health == DeviceHealth.MAINTENANCE
-    assert lab.http("PUT", "/api/v1/workers/worker1/env/", "a: [\n", user="alice")[0] == 400
-    assert lab.http("PUT", "/api/v1/workers/worker1/env/", "a: 1\n", user="alice")[0] == 200
-    assert lab.http("GET", "/api/v1/workers/worker1/env/")[2] == b"a: 1\n"
+    assert lab.http("PUT", "/api/v1/workers/worker1/env/", "a: [\n", user="admin")[0] == 400
+    assert lab.http("PUT", "/api/v1/workers/worker1/env/", "a: 1\n", user="admin")[0] == 200
+    assert lab.http("GET", "/api/v1/workers/worker1/env/", user="admin")[2] == b"a: 1\n"
+    assert lab.http("GET", "/api/v1/workers/worker1/env/")[0] == 401
     lab.json("POST", "/api/v1/device-types/", {"name": "bbb", "health_frequency": 3},
-             user="alice", expect=201)
+             user="admin", expect=201)
     types = {t["name"]: t for t in lab.json("GET", "/api/v1/device-types/")["results"]}
     assert types["bbb"]["health_frequency"] == 3 and types["qemu"]["devices"] == 2
 
@@ -546,18 +555,18 @@ def test_certificates_with_auth_curve(api, tmp_path):
     (keys / "workers").mkdir()
     lab = api(extra='[auth_curve]\nmaster_cert = "certs/master.key_secret"\n'
                     'workers_certs = "certs/workers"\n')
-    alice, anonymous = lab.rpc("alice"), lab.rpc()
+    admin, anonymous = lab.rpc("admin"), lab.rpc()
     certificate = anonymous.system.get_master_certificate()
     assert master_key.public_key in certificate and "secret" not in certificate
-    alice.scheduler.workers.add("worker9")
+    admin.scheduler.workers.add("worker9")
     with open(worker_key.path + "_secret") as handle:
-        refused = fault(alice.scheduler.workers.set_certificate, "worker9", handle.read())
+        refused = fault(admin.scheduler.workers.set_certificate, "worker9", handle.read())
     assert refused.faultCode == 400 and "public" in refused.faultString
     with open(worker_key.path) as handle:
-        assert alice.scheduler.workers.set_certificate("worker9", handle.read()) is True
+        assert admin.scheduler.workers.set_certificate("worker9", handle.read()) is True
     assert (keys / "workers" / "worker9.key").exists()
     assert worker_key.public_key in anonymous.scheduler.workers.get_certificate(
         "worker9").data.decode()
-    bad = fault(alice.scheduler.workers.set_certificate, "worker9",
+    bad = fault(admin.scheduler.workers.set_certificate, "worker9",
                 'metadata\ncurve\n    public-key = "%s"\n' % ("~" * 40))
     assert bad.faultCode == 400

@@ -82,7 +82,7 @@ def group_lab(tmp_path):
     shutil.copytree(os.path.join(ROOT, "etc"), etc)
     for name, text in TEMPLATES.items():
         (etc / "dispatcher-config" / "device-types" / (name + ".jinja2")).write_text(text)
-    lab = Lab(tmp_path, devices=DEVICES)
+    lab = Lab(tmp_path, devices=DEVICES, real_types=tuple(TEMPLATES))
     yield lab
     lab.close()
 

@@ -627,8 +627,23 @@ def _fill(st):
     st.add_token("alice", "digest-a", "laptop", 900.0)
     st.add_history("device", "q2", "Good", "Bad", "alice", "broken", 950.0)
     st.set_blob("health-check", "qemu", "job_name: check\n")
-    st.delete_token(st.list_tokens()[0][0])  # a gap in the ids
-    st.add_token("bob", "digest-b", "", 901.0)
+    st.delete_token(st.list_tokens()[0]["id"])  # a gap in the ids
+    st.add_token("bob", "digest-b", "", 901.0, expires=5000.0)
+    # Who may do what, and what was done.
+    st.ensure_user("bob", 800.0)
+    st.update_user("bob", is_staff=True, email="bob@lab")
+    st.add_group("kernel")
+    st.add_member("kernel", "bob")
+    st.add_permission("group", "kernel", "lava_scheduler_app", "device", "change_device")
+    st.add_object_permission("devicetype", "qemu", "kernel", "view_devicetype")
+    st.add_tag("usb", "a USB port")
+    st.add_alias("kvm", "qemu")
+    st.add_artifact_token("bob", "gitlab", "secret")
+    st.add_audit(960.0, "admin", "device", "q1", "update", {"health": "Good"},
+                 {"health": "Bad"})
+    ids += st.insert_jobs([Job(None, requested_device_type="qemu", definition="g",
+                               original_definition="g", submit_time=1010.0,
+                               visibility="group", viewing_groups=("kernel",))])
     return ids
 
 
@@ -653,8 +668,11 @@ def test_db_copy_sqlite_to_postgres_and_back_loses_nothing(pg_schema, tmp_path):
     back = None
     try:
         counts = dbtools.db_copy(source, target)
-        assert counts == {"device_types": 1, "workers": 2, "devices": 2, "jobs": 6,
-                          "testcases": 2, "tokens": 1, "history": 1, "blobs": 1}
+        assert counts == {"device_types": 1, "workers": 2, "devices": 2, "jobs": 7,
+                          "testcases": 2, "tokens": 1, "history": 1, "blobs": 1,
+                          "users": 1, "user_groups": 1, "group_members": 1,
+                          "permissions": 1, "object_permissions": 1, "tags": 1,
+                          "job_groups": 1, "aliases": 1, "artifact_tokens": 1, "audit": 1}
         assert _dump(target) == _dump(source)
         assert dbtools.db_check(target) == []
         assert target.get_job(ids[2]).failure_comment == "canceled\nby alice"
@@ -673,7 +691,7 @@ def test_db_copy_sqlite_to_postgres_and_back_loses_nothing(pg_schema, tmp_path):
         assert _dump(back) == _dump(target)
         reopened = dbtools.open_storage_url(config, pm, url)
         try:
-            assert reopened.name == "postgres" and reopened.count_jobs() == 7
+            assert reopened.name == "postgres" and reopened.count_jobs() == 8
         finally:
             reopened.close()
     finally:

@@ -217,7 +217,7 @@ def test_sigterm_cancels_promptly(tmp_path):
     ("actions:\n- test: {definitions: [\n", "not valid YAML: line"),
     ("job_name: no actions\n", "actions: expected a non-empty list"),
     ("- just\n- a list\n", "must be a YAML mapping"),
-    (job_yaml(["true"]).replace("from: inline", "from: git"), "'from: git' is not supported"),
+    (job_yaml(["true"]).replace("from: inline", "from: tar"), "'from: tar' is not supported"),
     (job_yaml(["echo a: b"]).replace("'echo a: b'", "echo a: b"), "a step must be a string"),
     (job_yaml(["true"]).replace("seconds: 60", "fortnights: 1"), "timeouts.job: unknown unit"),
 ])

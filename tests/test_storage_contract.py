@@ -328,18 +328,26 @@ def test_testcases(storage):
 
 
 def test_tokens(storage):
-    storage.add_token("alice", "d1", "laptop", 10.0)
-    storage.add_token("bob", "d2", "", 11.0)
+    first = storage.add_token("alice", "d1", "laptop", 10.0)
+    second = storage.add_token("bob", "d2", "", 11.0, expires=100.0)
+    assert second > first
     assert storage.token_user("d1") == "alice"
     assert storage.token_user("nope") is None
+    assert storage.token_record("d2") == (second, "bob", 100.0, None)
+    storage.token_used(second, 50.0)
     rows = storage.list_tokens()
-    assert [tuple(r)[1:] for r in rows] == [("alice", "laptop", 10.0), ("bob", "", 11.0)]
-    assert [tuple(r)[1] for r in storage.list_tokens("bob")] == ["bob"]
+    assert [(r["username"], r["description"], r["created"], r["last_used"], r["expires"])
+            for r in rows] == [("alice", "laptop", 10.0, None, None),
+                               ("bob", "", 11.0, 50.0, 100.0)]
+    assert [r["username"] for r in storage.list_tokens("bob")] == ["bob"]
+    assert storage.get_token(second)["description"] == ""
     with pytest.raises(Exception):
         storage.add_token("eve", "d1", "", 12.0)  # digests are unique
-    assert storage.delete_token(rows[0][0]) == 1
-    assert storage.delete_token(rows[0][0]) == 0
+    assert storage.delete_token(first) == 1
+    assert storage.delete_token(first) == 0
     assert storage.token_user("d1") is None
+    with pytest.raises(NotFound):
+        storage.get_token(first)
 
 
 def test_history(storage):

@@ -130,6 +130,26 @@ class Application:
                                           ("Retry-After", str(wait))],
                 body.encode("utf-8"), "throttled")
 
+    def websocket_refusal(self, environ):
+        """None when the websocket request may go on (its user in ``lavacore.user``),
+        else the raw HTTP refusal to send."""
+        throttled = self._throttled(environ)
+        if throttled is not None:
+            return ("HTTP/1.1 429 Too Many Requests\r\nRetry-After: %s\r\n"
+                    "Connection: close\r\nContent-Length: 0\r\n\r\n"
+                    % dict(throttled[1])["Retry-After"]).encode()
+        try:
+            environ["lavacore.user"] = authenticate(
+                self.master.storage, environ.get("HTTP_AUTHORIZATION"))
+        except ApiError:
+            self.auth_failed(environ)
+            return (b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm="
+                    b"\"lavacore\"\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+        except StorageError:
+            return (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 10\r\n"
+                    b"Connection: close\r\nContent-Length: 0\r\n\r\n")
+        return None
+
     def auth_failed(self, environ):
         address = environ.get("REMOTE_ADDR", "")
         if self.throttle.failed(address):

@@ -10,8 +10,8 @@ import base64
 import binascii
 import urllib.parse
 
-from .. import tokens
-from .errors import ApiError, UNAUTHORIZED, unauthorized
+from .. import permissions, tokens
+from .errors import FORBIDDEN, ApiError, UNAUTHORIZED, unauthorized
 
 REFUSED = "Authentication failed: invalid user name or token."
 MAX_CREDENTIAL = 512
@@ -19,23 +19,63 @@ MAX_CREDENTIAL = 512
 
 class Caller:
     """One request's view of the master: who calls (``user``, None if anonymous) and the
-    host name the client used to reach us (``host``, for addresses we hand back)."""
+    host name the client used to reach us (``host``, for addresses we hand back). What
+    the caller may do is asked of ``policy`` (lavacore/permissions.py), the one place it
+    is decided."""
 
-    def __init__(self, master, user=None, host=None, log_reader=None):
+    def __init__(self, master, user=None, host=None, log_reader=None, principal=None):
         self.master = master
         self.user = user
         self.host = host
         self.log_reader = log_reader
+        self._principal = principal
+        self._policy = None
 
     @property
     def storage(self):
         return self.master.storage
+
+    def now(self):
+        return self.master.clock.time()
+
+    def changed(self):
+        """Who may do what changed: the master's cached answers go, a pass may place
+        jobs it could not before."""
+        self.master.permissions_changed()
+
+    @property
+    def principal(self):
+        if self._principal is None:
+            self._principal = permissions.Principal.load(self.storage, self.user)
+        return self._principal
+
+    @property
+    def policy(self):
+        if self._policy is None:
+            self._policy = permissions.Policy(self.storage, self.principal)
+        return self._policy
 
     def require_user(self):
         """The caller's user name; 401 for an anonymous caller."""
         if self.user is None:
             raise unauthorized()
         return self.user
+
+    def require(self, allowed, what="do that"):
+        """401 for an anonymous caller, 403 unless ``allowed``; returns the user name.
+        ``what`` names only what the caller already named (never what it may not see)."""
+        user = self.require_user()
+        if not allowed:
+            raise ApiError(FORBIDDEN, "Permission denied: you may not %s." % what)
+        return user
+
+    def require_admin(self, app, code, what):
+        """A superuser, or the model-wide permission ``app.code``."""
+        return self.require(self.policy.has_model_perm(app, code), what)
+
+    def require_staff(self, what):
+        p = self.principal
+        return self.require(p.is_active and (p.is_staff or p.is_superuser), what)
 
 
 def parse_authorization(header):
@@ -63,18 +103,17 @@ def parse_authorization(header):
     raise ApiError(UNAUTHORIZED, REFUSED)
 
 
-def authenticate(storage, header):
-    """The user name for an Authorization header, None for none; ApiError(401) if wrong."""
+def authenticate(storage, header, now=None):
+    """The user name for an Authorization header, None for none; ApiError(401) if wrong,
+    expired, revoked (checked at every request: a revoked token is refused at once) or
+    its user inactive."""
     credentials = parse_authorization(header)
     if credentials is None:
         return None
     username, token = credentials
-    if username is None:
-        user = storage.token_user(tokens.digest(token)) if token else None
-    else:
-        if username == "" and token == "":
-            return None  # "http://:@host" is no credentials at all
-        user = tokens.authenticate(storage, username, token)
+    if username == "" and token == "":
+        return None  # "http://:@host" is no credentials at all
+    user = tokens.authenticate(storage, username, token, now)
     if user is None:
         raise ApiError(UNAUTHORIZED, REFUSED)
     return user
@@ -88,3 +127,24 @@ def request_host(environ):
     except ValueError:
         return None
     return parsed or None
+
+
+class LocalCaller(Caller):
+    """The command line on the master's host: it has the database, so it acts as the
+    system (every permission), records the local user name in the audit trail, and tells
+    a running master of its changes through the storage's notification channel."""
+
+    def __init__(self, storage, clock, user):
+        super().__init__(None, user=user, principal=permissions.SYSTEM)
+        self._storage = storage
+        self._clock = clock
+
+    @property
+    def storage(self):
+        return self._storage
+
+    def now(self):
+        return self._clock.time()
+
+    def changed(self):
+        self._storage.publish_event({"kind": "permissions", "data": {}})

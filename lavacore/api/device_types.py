@@ -6,17 +6,23 @@ import os
 from .. import health as health_mod
 from ..jobs import JobError, Located, check_common, context_variables
 from ..models import DeviceType
+from .. import permissions
 from ..storage import NotFound
 from . import validate
+from .accounts import audit
 from .devices import syntax_check
 from .errors import bad_request, conflict, not_found
 
 DENOMINATORS = ("hours", "jobs")
 
 
-def find(master, name):
-    return validate.existing(master.storage.get_device_type, name, "device type",
-                             "Device-type")
+def find(caller, name):
+    """The device type; 404 when there is none or the caller may not see it."""
+    record = validate.existing(caller.storage.get_device_type, name, "device type",
+                               "Device-type")
+    if not caller.policy.can_view_type(record.name):
+        raise not_found("Device-type '%s' was not found." % record.name)
+    return record
 
 
 def _templates_dir(master):
@@ -42,8 +48,11 @@ def has_template(master, name, on_disk=None):
     return name in on_disk
 
 
-def listing(master, show_all=False):
-    """[(name, device type or None, number of devices, has a template)]"""
+def listing(caller, show_all=False):
+    """[(name, device type or None, number of devices, has a template)] of the types the
+    caller may see."""
+    master = caller.master
+    policy = caller.policy
     on_disk = installed_templates(master)
     counts = {}
     for device in master.storage.list_devices():
@@ -53,7 +62,7 @@ def listing(master, show_all=False):
     if show_all:
         known = {row[0] for row in rows}
         rows += [(name, None, 0, True) for name in sorted(on_disk - known)]
-    return rows
+    return [row for row in rows if policy.can_view_type(row[0])]
 
 
 def _denominator(value):
@@ -67,7 +76,7 @@ def _denominator(value):
 
 def add(caller, name, description=None, display=True, health_frequency=24,
         health_denominator="hours", health_disabled=False):
-    caller.require_user()
+    caller.require_admin(permissions.APP, "add_devicetype", "add device types")
     master = caller.master
     name = validate.name(name, "device type")
     record = DeviceType(
@@ -85,15 +94,17 @@ def add(caller, name, description=None, display=True, health_frequency=24,
     else:
         raise conflict("Bad request: device-type name '%s' is already used." % name)
     master.storage.add_device_type(record)
+    audit(caller, "devicetype", name, "add", None, record.to_dict())
     master.scheduler.wake()
     return record
 
 
 def update(caller, name, description=None, display=None, health_frequency=None,
            health_denominator=None, health_disabled=None):
-    caller.require_user()
     master = caller.master
-    record = find(master, name)
+    record = find(caller, name)
+    caller.require(caller.policy.can_change_type(record.name),
+                   "change device type %s" % record.name)
     fields = {}
     if description is not None:
         fields["description"] = validate.text(description, "description", limit=4096)
@@ -109,7 +120,10 @@ def update(caller, name, description=None, display=None, health_frequency=None,
     if fields:
         master.storage.update_device_type(record.name, **fields)
         master.scheduler.wake()
-    return master.storage.get_device_type(record.name)
+    after = master.storage.get_device_type(record.name)
+    if fields:
+        audit(caller, "devicetype", record.name, "update", record.to_dict(), after.to_dict())
+    return after
 
 
 def _file_name(name, suffix):
@@ -119,8 +133,11 @@ def _file_name(name, suffix):
     return validate.name(name, "device type")
 
 
-def get_template(master, name):
+def get_template(caller, name):
+    master = caller.master
     name = _file_name(name, ".jinja2")
+    if not caller.policy.can_view_type(name):
+        raise not_found("Device-type '%s' was not found." % name)
     text = master.storage.get_blob("device-type", name)
     if text is not None:
         return text
@@ -137,22 +154,27 @@ def get_template(master, name):
 def set_template(caller, name, text):
     """Store the template (an empty text removes the stored one); devices of the type use
     it from their next job."""
-    caller.require_user()
     master = caller.master
     name = _file_name(name, ".jinja2")
+    caller.require(caller.policy.can_change_type(name), "change device type %s" % name)
     text = validate.text(text, "template", limit=1024 * 1024)
+    before = master.storage.get_blob("device-type", name)
     if text.strip():
         syntax_check(master, text, "device-type template %s" % name)
         master.storage.set_blob("device-type", name, text)
     else:
         master.storage.set_blob("device-type", name, None)
+    audit(caller, "devicetype", name, "set template", before, text or None)
     master.templates.reload()
     master.scheduler.wake()
     return True
 
 
-def get_health_check(master, name):
+def get_health_check(caller, name):
+    master = caller.master
     name = _file_name(name, ".yaml")
+    if not caller.policy.can_view_type(name):
+        raise not_found("Device-type '%s' was not found." % name)
     text = health_mod.definition(master, name)
     if text is None:
         raise not_found("Device-type '%s' was not found." % name)
@@ -161,9 +183,9 @@ def get_health_check(master, name):
 
 def set_health_check(caller, name, text):
     """Store the health-check job (checked as a submission is; an empty text removes it)."""
-    caller.require_user()
     master = caller.master
     name = _file_name(name, ".yaml")
+    caller.require(caller.policy.can_change_type(name), "change device type %s" % name)
     text = validate.text(text, "health check", limit=1024 * 1024)
     if text.strip():
         try:
@@ -173,5 +195,6 @@ def set_health_check(caller, name, text):
         master.storage.set_blob("health-check", name, text)
     else:
         master.storage.set_blob("health-check", name, None)
+    audit(caller, "devicetype", name, "set health check", None, text or None)
     master.scheduler.wake()
     return True

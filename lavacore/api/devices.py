@@ -11,20 +11,27 @@ from ..flow import device_event
 from ..models import Device
 from ..states import DeviceHealth
 from ..storage import NotFound
+from .. import permissions
 from . import validate
+from .accounts import audit
 from .errors import bad_request, conflict, not_found
 
 
-def find(master, hostname):
-    return validate.existing(master.storage.get_device, hostname, "hostname", "Device")
+def find(caller, hostname):
+    """The device; 404 when there is none or the caller may not see it."""
+    device = validate.existing(caller.storage.get_device, hostname, "hostname", "Device")
+    if not caller.policy.can_view_device(device):
+        raise not_found("Device '%s' was not found." % device.hostname)
+    return device
 
 
-def listing(master, show_all=False, **filters):
-    devices = master.storage.list_devices(
+def listing(caller, show_all=False, **filters):
+    devices = caller.storage.list_devices(
         **{key: value for key, value in filters.items() if value is not None})
     if not show_all:
         devices = [d for d in devices if d.health != DeviceHealth.RETIRED]
-    return devices
+    policy = caller.policy
+    return [d for d in devices if policy.can_view_device(d)]
 
 
 def _device_type(master, name):
@@ -51,7 +58,7 @@ def add(caller, hostname, device_type, worker, health=None, description=None, pu
         tags=()):
     """A new device (its type and worker must exist, as in LAVA); health defaults to
     Unknown, so a type with a health check gets it before the first job."""
-    user = caller.require_user()
+    user = caller.require_admin(permissions.APP, "add_device", "add devices")
     master = caller.master
     hostname = validate.name(hostname, "hostname")
     device_type = _device_type(master, device_type)
@@ -73,6 +80,7 @@ def add(caller, hostname, device_type, worker, health=None, description=None, pu
     master.storage.add_device(device)
     master.storage.add_history("device", hostname, None, new_health.display, user,
                                "added through the API", master.clock.time())
+    audit(caller, "device", hostname, "add", None, device.to_dict())
     _changed(caller, device, user)
     return device
 
@@ -81,9 +89,10 @@ def update(caller, hostname, worker=None, public=None, health=None, description=
            device_type=None, tags=None, reason=None):
     """Change what is given (None: unchanged). Everything is checked before anything is
     changed."""
-    user = caller.require_user()
     master = caller.master
-    device = find(master, hostname)
+    device = find(caller, hostname)
+    user = caller.require(caller.policy.can_change_device(device),
+                          "change device %s" % device.hostname)
     fields = {}
     if worker is not None:
         fields["worker"] = _worker(master, worker)
@@ -102,7 +111,9 @@ def update(caller, hostname, worker=None, public=None, health=None, description=
     if new_health is not None:
         health_mod.set_device_health(master, device.hostname, new_health, user,
                                      reason or "set through the API")
-    device = master.storage.get_device(device.hostname)
+    before, device = device, master.storage.get_device(device.hostname)
+    if fields or new_health is not None:
+        audit(caller, "device", device.hostname, "update", before.to_dict(), device.to_dict())
     if fields:
         _changed(caller, device, user)
     else:
@@ -111,14 +122,12 @@ def update(caller, hostname, worker=None, public=None, health=None, description=
 
 
 def tags_add(caller, hostname, tag):
-    caller.require_user()
-    device = find(caller.master, hostname)
+    device = find(caller, hostname)
     return update(caller, device.hostname, tags=list(device.tags) + [tag]).tags
 
 
 def tags_delete(caller, hostname, tag):
-    caller.require_user()
-    device = find(caller.master, hostname)
+    device = find(caller, hostname)
     tag = validate.name(tag, "tag")
     if tag not in device.tags:
         raise not_found("Tag '%s' was not found." % tag)
@@ -135,8 +144,9 @@ def syntax_check(master, text, what):
         raise bad_request("%s: line %s: %s" % (what, exc.lineno, exc.message)) from None
 
 
-def get_dictionary(master, hostname, render=False, context=None):
-    device = find(master, hostname)
+def get_dictionary(caller, hostname, render=False, context=None):
+    master = caller.master
+    device = find(caller, hostname)
     try:
         text = master.templates.dictionary(device.hostname)
     except JobSetupError as exc:
@@ -164,15 +174,18 @@ def get_dictionary(master, hostname, render=False, context=None):
 def set_dictionary(caller, hostname, text):
     """Store the dictionary in the database (an empty text removes the stored one, and the
     file under dispatcher_config, if any, applies again). Takes effect for the next job."""
-    caller.require_user()
     master = caller.master
-    device = find(master, hostname)
+    device = find(caller, hostname)
+    caller.require(caller.policy.can_change_device(device),
+                   "change device %s" % device.hostname)
     text = validate.text(text, "dictionary", limit=1024 * 1024)
+    before = master.storage.get_blob("device", device.hostname)
     if text.strip():
         syntax_check(master, text, "device dictionary %s" % device.hostname)
         master.storage.set_blob("device", device.hostname, text)
     else:
         master.storage.set_blob("device", device.hostname, None)
+    audit(caller, "device", device.hostname, "set dictionary", before, text or None)
     master.templates.reload()
     master.scheduler.wake()
     return True

@@ -10,13 +10,13 @@ import collections
 import os
 
 from .. import jobs as submission
-from ..jobs import JobError
+from ..jobs import JobError, JobForbidden
 from .. import logformat
 from ..logformat import parse_line
 from ..states import JobState
 from ..storage import NotFound
 from . import validate
-from .errors import bad_request, not_found
+from .errors import FORBIDDEN, ApiError, bad_request, not_found
 
 MAX_LOG_LINES = 20000          # per call; the client asks again for the rest
 SCAN_CHUNK = 500
@@ -24,16 +24,19 @@ MAX_SCAN = 20000               # jobs looked at for a time-window filter
 CONFIG_FILES = ("job.yaml", "device.yaml", "dispatcher.yaml", "env.yaml", "env.dut.yaml")
 
 
-def find(master, ident):
-    """The job for an id as a client sends it (42, "42", "42.1"); 404 if there is none."""
+def find(caller, ident):
+    """The job for an id as a client sends it (42, "42", "42.1"); 404 if there is none or
+    the caller may not see it (the same answer: a private job's existence is private)."""
     ident = validate.job_id(ident)
+    storage = caller.storage
     try:
         if isinstance(ident, int):
-            return master.storage.get_job(ident)
-        found = master.storage.list_jobs(sub_id=ident, limit=1)
+            found = [storage.get_job(ident)]
+        else:
+            found = storage.list_jobs(sub_id=ident, limit=1)
     except NotFound:
         found = None
-    if not found:
+    if not found or not caller.policy.can_view_job(found[0]):
         raise not_found("Job '%s' was not found." % ident)
     return found[0]
 
@@ -45,7 +48,9 @@ def submit(caller, text):
     master = caller.master
     try:
         records = submission.submit(master.storage, master.hook, master, text, user,
-                                    master.clock.time())
+                                    master.clock.time(), policy=caller.policy)
+    except JobForbidden as exc:
+        raise ApiError(FORBIDDEN, str(exc)) from None
     except JobError as exc:
         raise bad_request("Problem with submitted job data: %s" % exc) from None
     master.flow.submitted(records)
@@ -53,14 +58,17 @@ def submit(caller, text):
 
 
 def resubmit(caller, ident):
-    job = find(caller.master, ident)
+    job = find(caller, ident)
+    caller.require(caller.policy.can_resubmit_job(job), "resubmit job %s" % ident)
     return submit(caller, job.original_definition or job.definition)
 
 
 def cancel(caller, ident):
-    """Cancel as the caller. A job already finished or canceling is left as it is."""
+    """Cancel as the caller: the submitter, who may change its device (type), or an
+    admin. A job already finished or canceling is left as it is."""
     user = caller.require_user()
-    job = find(caller.master, ident)
+    job = find(caller, ident)
+    caller.require(caller.policy.can_cancel_job(job), "cancel job %s" % ident)
     canceled = caller.master.flow.cancel(job.id, username=user)
     return canceled or caller.master.storage.get_job(job.id)
 
@@ -74,7 +82,8 @@ def check(caller, text, strict=False):
     text = validate.text(text, "definition", limit=submission.MAX_DEFINITION + 1)
     try:
         submission.prepare(master.storage, master.hook, master, text, caller.user,
-                           master.clock.time(), strict=strict)
+                           master.clock.time(), strict=strict,
+                           policy=caller.policy if caller.user else None)
     except JobError as exc:
         return {"path": exc.path or "", "msg": str(exc)}
     return {}
@@ -93,11 +102,14 @@ def configuration(master, job):
     return [master.files.read(job, name) for name in CONFIG_FILES]
 
 
-def listing(master, state=None, health=None, offset=0, limit=25, since=None,
+def listing(caller, state=None, health=None, offset=0, limit=25, since=None,
             running_for=None, order="-id", **filters):
-    """Jobs matching the filters, newest first. ``since`` (minutes): ended in that window;
-    ``running_for`` (minutes): started at least that long ago."""
+    """The jobs the caller may see matching the filters, newest first. ``since``
+    (minutes): ended in that window; ``running_for`` (minutes): started at least that long
+    ago."""
+    master = caller.master
     criteria = {key: value for key, value in filters.items() if value is not None}
+    criteria["visible"] = caller.policy.job_filter()
     if state is not None:
         criteria["state"] = state
     if health is not None:
@@ -137,10 +149,11 @@ def _scan(storage, order, criteria, keep, stop=lambda job: False):
     return found
 
 
-def queue(master, device_types=None, offset=0, limit=25):
-    return master.storage.list_jobs(limit=limit, offset=offset, order="-id",
+def queue(caller, device_types=None, offset=0, limit=25):
+    return caller.storage.list_jobs(limit=limit, offset=offset, order="-id",
                                     state=JobState.SUBMITTED,
-                                    requested_device_type=device_types)
+                                    requested_device_type=device_types,
+                                    visible=caller.policy.job_filter())
 
 
 def results(master, job, suite=None, case=None):
@@ -222,6 +235,19 @@ class LogReader:
         self._marks.move_to_end(path)
         while len(self._marks) > self._size:
             self._marks.popitem(last=False)
+
+
+def log_count(master, job):
+    """The complete lines of a job's log."""
+    path = os.path.join(job.output_dir(master.output_root), "output.yaml")
+    count = 0
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                count += block.count(b"\n")
+    except OSError:
+        return 0
+    return count
 
 
 def logs(master, reader, job, start=0, end=None):

@@ -22,7 +22,7 @@ Lists are pages: ``{"count", "next", "previous", "results"}``. Errors are
 import re
 import urllib.parse
 
-from .. import cli, safeyaml
+from .. import cli, models, safeyaml
 from ..states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 from . import device_types, devices, jobs, validate, workers
 from .errors import ApiError, bad_request
@@ -147,6 +147,7 @@ def jobs_list(request):
                 "submitter": validate.text(request.arg("submitter"), "submitter",
                                            optional=True, limit=255)}
     criteria = {k: v for k, v in criteria.items() if v is not None}
+    criteria["visible"] = request.caller.policy.job_filter()
     order = request.arg("ordering", "-id")
     if order not in JOB_ORDERS:
         raise bad_request("ordering: one of %s" % ", ".join(JOB_ORDERS))
@@ -183,7 +184,7 @@ def jobs_validate(request):
 
 @route("GET", r"jobs/(?P<job>[^/]+)/")
 def jobs_show(request, job):
-    return 200, cli.job_details(request.master, jobs.find(request.master, job))
+    return 200, cli.job_details(request.master, jobs.find(request.caller, job))
 
 
 @route("POST", r"jobs/(?P<job>[^/]+)/cancel/")
@@ -200,7 +201,7 @@ def jobs_resubmit(request, job):
 @route("GET", r"jobs/(?P<job>[^/]+)/logs/")
 def jobs_logs(request, job):
     request.only("start", "end")
-    record = jobs.find(request.master, job)
+    record = jobs.find(request.caller, job)
     start = validate.integer(request.arg("start"), "start", default=0, minimum=0)
     finished, entries = jobs.logs(request.master, request.caller.log_reader, record, start,
                                   request.arg("end"))
@@ -210,19 +211,19 @@ def jobs_logs(request, job):
 
 @route("GET", r"jobs/(?P<job>[^/]+)/definition/")
 def jobs_definition(request, job):
-    return 200, Text(jobs.definition(jobs.find(request.master, job)),
+    return 200, Text(jobs.definition(jobs.find(request.caller, job)),
                      "application/yaml; charset=utf-8")
 
 
 @route("GET", r"jobs/(?P<job>[^/]+)/results/")
 def jobs_results(request, job):
-    record = jobs.find(request.master, job)
+    record = jobs.find(request.caller, job)
     return 200, [case.to_dict() for case in jobs.results(request.master, record)]
 
 
 @route("GET", r"jobs/(?P<job>[^/]+)/configuration/")
 def jobs_configuration(request, job):
-    texts = jobs.configuration(request.master, jobs.find(request.master, job))
+    texts = jobs.configuration(request.master, jobs.find(request.caller, job))
     return 200, dict(zip(("definition", "device", "dispatcher", "env", "env_dut"), texts))
 
 
@@ -238,7 +239,7 @@ def _device(master, device):
 def devices_list(request):
     request.only("state", "health", "device_type", "worker", "all", "limit", "offset")
     found = devices.listing(
-        request.master, validate.flag(request.arg("all"), "all", default=False),
+        request.caller, validate.flag(request.arg("all"), "all", default=False),
         state=validate.state(DeviceState, request.arg("state"), "state"),
         health=validate.state(DeviceHealth, request.arg("health"), "health"),
         device_type=validate.optional_name(request.arg("device_type"), "device_type"),
@@ -257,9 +258,20 @@ def devices_add(request):
     return 201, _device(request.master, device)
 
 
+def _audit(request, kind, name):
+    """The object's audit trail, for staff and superusers (others: not shown)."""
+    p = request.caller.principal
+    if not (p.is_active and (p.is_staff or p.is_superuser)):
+        return {}
+    return {"audit": [dict(row, time=models.iso(row["time"])) for row in
+                      request.master.storage.list_audit(kind=kind, name=name, limit=20)]}
+
+
 @route("GET", r"devices/(?P<name>[^/]+)/")
 def devices_show(request, name):
-    return 200, _device(request.master, devices.find(request.master, name))
+    device = devices.find(request.caller, name)
+    return 200, dict(_device(request.master, device),
+                     **_audit(request, "device", device.hostname))
 
 
 @route("PATCH", r"devices/(?P<name>[^/]+)/")
@@ -274,7 +286,7 @@ def devices_update(request, name):
 def devices_dictionary(request, name):
     if request.method == "GET":
         request.only("render", "context")
-        return 200, Text(devices.get_dictionary(request.master, name, request.arg("render"),
+        return 200, Text(devices.get_dictionary(request.caller, name, request.arg("render"),
                                                 request.arg("context")))
     text = request.text() if request.method == "PUT" else ""
     devices.set_dictionary(request.caller, name, text)
@@ -310,7 +322,9 @@ def workers_add(request):
 
 @route("GET", r"workers/(?P<name>[^/]+)/")
 def workers_show(request, name):
-    return 200, _worker(request.master, workers.find(request.master, name))
+    worker = workers.find(request.master, name)
+    return 200, dict(_worker(request.master, worker),
+                     **_audit(request, "worker", worker.hostname))
 
 
 @route("PATCH", r"workers/(?P<name>[^/]+)/")
@@ -324,7 +338,7 @@ def workers_update(request, name):
 @route("GET PUT DELETE", r"workers/(?P<name>[^/]+)/(?P<kind>config|env|env-dut)/")
 def workers_file(request, name, kind):
     if request.method == "GET":
-        return 200, Text(workers.get_file(request.master, kind, name),
+        return 200, Text(workers.get_file(request.caller, kind, name),
                          "application/yaml; charset=utf-8")
     text = request.text() if request.method == "PUT" else ""
     workers.set_file(request.caller, kind, name, text)
@@ -354,7 +368,7 @@ def _device_type(master, record, count=None, template=None):
 @route("GET", "device-types/")
 def device_types_list(request):
     request.only("all", "limit", "offset")
-    rows = device_types.listing(request.master,
+    rows = device_types.listing(request.caller,
                                 validate.flag(request.arg("all"), "all", default=False))
 
     def render(row):
@@ -379,7 +393,9 @@ def device_types_add(request):
 
 @route("GET", r"device-types/(?P<name>[^/]+)/")
 def device_types_show(request, name):
-    return 200, _device_type(request.master, device_types.find(request.master, name))
+    record = device_types.find(request.caller, name)
+    return 200, dict(_device_type(request.master, record),
+                     **_audit(request, "devicetype", record.name))
 
 
 @route("PATCH", r"device-types/(?P<name>[^/]+)/")
@@ -394,8 +410,8 @@ def device_types_update(request, name):
 def device_types_file(request, name, kind):
     if request.method == "GET":
         if kind == "template":
-            return 200, Text(device_types.get_template(request.master, name))
-        return 200, Text(device_types.get_health_check(request.master, name),
+            return 200, Text(device_types.get_template(request.caller, name))
+        return 200, Text(device_types.get_health_check(request.caller, name),
                          "application/yaml; charset=utf-8")
     text = request.text() if request.method == "PUT" else ""
     if kind == "template":
@@ -420,3 +436,7 @@ def match(method, path):
         raise ApiError(405, "method %s not allowed here (allowed: %s)"
                        % (method[:20], ", ".join(sorted(allowed))), status=405)
     raise ApiError(404, "no such resource: %s%s" % (PREFIX, path[:200]))
+
+
+# The routes of users, groups, tokens, tags, aliases and the audit trail.
+from . import rest_accounts  # noqa: E402,F401

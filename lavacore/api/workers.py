@@ -9,12 +9,14 @@ import tempfile
 
 import yaml
 
+from .. import permissions
 from ..devices import yaml_load
 from ..flow import worker_event
 from ..models import Worker
 from ..states import WorkerHealth
 from ..storage import NotFound
 from . import validate
+from .accounts import audit
 from .errors import bad_request, conflict, not_found
 
 # kind -> (blob kind, what LAVA calls it, worker-specific file, fallback file config key)
@@ -39,7 +41,7 @@ def listing(master, show_all=False, **filters):
 
 
 def add(caller, hostname, description=None, disabled=False):
-    user = caller.require_user()
+    user = caller.require_admin(permissions.APP, "add_worker", "add workers")
     master = caller.master
     hostname = validate.name(hostname, "worker")
     description = validate.text(description, "description", optional=True, limit=4096)
@@ -54,11 +56,12 @@ def add(caller, hostname, description=None, disabled=False):
         hostname, health=WorkerHealth.RETIRED if disabled else WorkerHealth.ACTIVE,
         description=description or ""))
     master.events.publish("worker", worker_event(worker), user)
+    audit(caller, "worker", hostname, "add", None, worker.to_dict())
     return worker
 
 
 def update(caller, hostname, description=None, health=None, job_limit=None, reason=None):
-    user = caller.require_user()
+    user = caller.require_admin(permissions.APP, "change_worker", "change workers")
     master = caller.master
     worker = find(master, hostname)
     description = validate.text(description, "description", optional=True, limit=4096)
@@ -73,7 +76,9 @@ def update(caller, hostname, description=None, health=None, job_limit=None, reas
         master.flow.set_worker_health(worker.hostname, new_health, user,
                                       reason or "set through the API")
     master.scheduler.wake()
-    return master.storage.get_worker(worker.hostname)
+    after = master.storage.get_worker(worker.hostname)
+    audit(caller, "worker", worker.hostname, "update", worker.to_dict(), after.to_dict())
+    return after
 
 
 # -- files --------------------------------------------------------------------------------
@@ -98,7 +103,11 @@ def is_default(master, kind, hostname):
     return not any(os.path.exists(path) for path in own)
 
 
-def get_file(master, kind, hostname):
+def get_file(caller, kind, hostname):
+    """A worker file as the worker gets it. Env files and dispatcher configurations may
+    hold a lab's credentials: reading them takes the right to change the worker."""
+    caller.require_admin(permissions.APP, "change_worker", "read worker files")
+    master = caller.master
     worker = find(master, hostname)
     blob, what, _, _ = FILES[kind]
     text = master.storage.get_blob(blob, worker.hostname)
@@ -120,7 +129,7 @@ def get_file(master, kind, hostname):
 def set_file(caller, kind, hostname, text):
     """Store a worker file (YAML, checked; an empty text removes the stored one). Sent to
     the worker with each START, so it applies from the next job on, without restart."""
-    caller.require_user()
+    caller.require_admin(permissions.APP, "change_worker", "change workers")
     master = caller.master
     worker = find(master, hostname)
     blob, what, _, _ = FILES[kind]
@@ -139,6 +148,7 @@ def set_file(caller, kind, hostname, text):
     if data is not None and not isinstance(data, dict):
         raise bad_request("%s: must be a YAML mapping" % what)
     master.storage.set_blob(blob, worker.hostname, text)
+    audit(caller, "worker", worker.hostname, "set %s" % what, None, {"bytes": len(text)})
     return True
 
 
@@ -169,7 +179,7 @@ def set_certificate(caller, hostname, text):
     and the running master re-reads its keys at once."""
     from .. import certs
 
-    caller.require_user()
+    caller.require_admin(permissions.APP, "change_worker", "change workers")
     master = caller.master
     worker = find(master, hostname)
     text = validate.text(text, "certificate", limit=65536)
@@ -188,4 +198,5 @@ def set_certificate(caller, hostname, text):
             raise bad_request("certificate: %s" % str(exc).replace(path, "the certificate")) \
                 from None
     master.hook.configure(config=master.config, master=master)  # re-read the keys now
+    audit(caller, "worker", worker.hostname, "set certificate", None, text.strip())
     return True

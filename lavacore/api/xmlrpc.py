@@ -1,11 +1,12 @@
 """XML-RPC at /RPC2: LAVA's method names, arguments and return shapes, as lavacli 3.1
 calls them, over the operations of lavacore.api.
 
-The version we report (``LAVA_VERSION``) decides how lavacli talks to us: it is before
-2020.09, so ``lavacli events listen`` and ``events wait`` subscribe to the master's ZeroMQ
-PUB socket (``scheduler.get_publisher_event_socket``) rather than a websocket, and the
-argument lists lavacli sends are those of LAVA 2020.08. Methods also accept the trailing
-arguments newer lavacli versions send.
+The version we report (``LAVA_VERSION``) decides how lavacli talks to us: 2026.10 shows
+every command lavacli 3.1 has (``users`` and ``groups`` appear from 2023.03, ``tokens``
+from 2025.05) with its newest arguments, and from 2020.09 on lavacli takes ``events listen`` and ``jobs wait``
+from the websocket at ``/ws/`` (lavacore.api.websocket) rather than the ZeroMQ publisher,
+which older clients still get from ``scheduler.get_publisher_event_socket``. Methods
+accept the shorter and longer argument lists lavacli versions send.
 
 Every error is an XML-RPC fault with LAVA's code (404, 400, 401, 403, -32601 for an
 unknown method, -32602 for bad arguments, -32700 for a body that is not XML-RPC), never
@@ -22,15 +23,14 @@ import yaml
 
 from .. import __version__
 from .. import health as health_mod
-from .. import safeyaml
-from ..states import JobHealth, JobState
+from ..states import DeviceHealth, JobHealth, JobState
 from . import device_types, devices, jobs, validate, workers
 from .errors import (INTERNAL, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
                      PARSE_ERROR, ApiError, not_found)
 
 log = logging.getLogger("lavacore.api")
 
-LAVA_VERSION = "2020.08"
+LAVA_VERSION = "2026.10"
 VERSION = "%s+lavacore.%s" % (LAVA_VERSION, __version__)
 API_VERSION = 2
 NEVER = datetime.datetime(1970, 1, 1)
@@ -180,7 +180,7 @@ def jobs_validate(caller, definition, strict=False):
 
 @method("scheduler.jobs.show")
 def jobs_show(caller, job_id):
-    job = jobs.find(caller.master, job_id)
+    job = jobs.find(caller, job_id)
     return {
         "id": _display_id(job), "description": job.description,
         "device": job.actual_device, "device_type": job.requested_device_type,
@@ -212,7 +212,7 @@ def jobs_list(caller, state=None, health=None, start=0, limit=25, since=0, verbo
     """Newest first; ``limit`` at most 100; ``since``: ended in the last N minutes;
     ``duration``: running for more than N minutes."""
     found = jobs.listing(
-        caller.master, state=validate.state(JobState, state, "state"),
+        caller, state=validate.state(JobState, state, "state"),
         health=validate.state(JobHealth, health, "health"),
         offset=validate.integer(start, "start", default=0, minimum=0) or 0,
         limit=min(validate.integer(limit, "limit", default=25, minimum=0), 100),
@@ -228,7 +228,7 @@ def jobs_queue(caller, device_types=None, start=0, limit=25):
         if isinstance(device_types, str) or not isinstance(device_types, list):
             raise ApiError(400, "device_types: expected a list of names")
         device_types = [validate.name(n, "device type") for n in device_types]
-    found = jobs.queue(caller.master, device_types,
+    found = jobs.queue(caller, device_types,
                        validate.integer(start, "start", default=0, minimum=0) or 0,
                        min(validate.integer(limit, "limit", default=25, minimum=0), 100))
     return [{"id": _display_id(job), "description": job.description,
@@ -238,39 +238,40 @@ def jobs_queue(caller, device_types=None, start=0, limit=25):
 
 @method("scheduler.jobs.definition")
 def jobs_definition(caller, job_id):
-    return jobs.definition(jobs.find(caller.master, job_id))
+    return jobs.definition(jobs.find(caller, job_id))
 
 
 @method("scheduler.jobs.configuration")
 def jobs_configuration(caller, job_id):
-    texts = jobs.configuration(caller.master, jobs.find(caller.master, job_id))
+    texts = jobs.configuration(caller.master, jobs.find(caller, job_id))
     return [None if text is None else _binary(text) for text in texts]
 
 
 @method("scheduler.jobs.logs")
 def jobs_logs(caller, job_id, start=0, end=None):
     """(finished, YAML list of log entries from line ``start``): LAVA's shape."""
-    job = jobs.find(caller.master, job_id)
+    job = jobs.find(caller, job_id)
     finished, entries = jobs.logs(caller.master, caller.log_reader, job, start, end)
     return finished, _binary(jobs.dump_entries(entries) if entries else "[]")
+
+
+@method("scheduler.jobs.logs_count")
+def jobs_logs_count(caller, job_id):
+    """How many lines the job's log has now."""
+    return jobs.log_count(caller.master, jobs.find(caller, job_id))
 
 
 # -- results ------------------------------------------------------------------------------
 
 def _results_yaml(caller, job_id, suite=None, case=None):
-    job = jobs.find(caller.master, job_id)
+    job = jobs.find(caller, job_id)
     if suite is not None:
         suite = validate.text(suite, "suite", limit=1024)
     if case is not None:
         case = validate.text(case, "case", limit=1024)
     rows = []
     for index, item in enumerate(jobs.results(caller.master, job, suite, case)):
-        metadata = {}
-        if item.metadata:
-            try:
-                metadata = safeyaml.load(item.metadata) or {}
-            except (yaml.YAMLError, ValueError):
-                metadata = {"raw": item.metadata}
+        metadata = item.parsed_metadata()
         rows.append({"id": str(item.id), "job": str(_display_id(job)), "suite": item.suite,
                      "name": item.name, "result": item.result,
                      "measurement": item.measurement, "unit": item.units,
@@ -298,7 +299,7 @@ def results_testcase(caller, job_id, suite_name, case_name):
 
 @method("scheduler.devices.list")
 def devices_list(caller, show_all=False, offline_info=False):
-    found = devices.listing(caller.master, validate.flag(show_all, "show_all", False))
+    found = devices.listing(caller, validate.flag(show_all, "show_all", False))
     return [{"hostname": d.hostname, "type": d.device_type, "health": d.health.display,
              "state": d.state.display, "current_job": d.current_job, "pipeline": True}
             for d in found]
@@ -307,7 +308,7 @@ def devices_list(caller, show_all=False, offline_info=False):
 @method("scheduler.devices.show")
 def devices_show(caller, hostname):
     master = caller.master
-    device = devices.find(master, hostname)
+    device = devices.find(caller, hostname)
     try:
         has_dict = master.templates.dictionary(device.hostname) is not None
     except Exception:  # an unreadable file is reported by get_dictionary, not here
@@ -338,7 +339,7 @@ def devices_update(caller, hostname, worker_hostname=None, user_name=None, group
 
 @method("scheduler.devices.get_dictionary")
 def devices_get_dictionary(caller, hostname, render=False, context=None):
-    return _binary(devices.get_dictionary(caller.master, hostname, render, context))
+    return _binary(devices.get_dictionary(caller, hostname, render, context))
 
 
 @method("scheduler.devices.set_dictionary")
@@ -353,7 +354,7 @@ def devices_tags_add(caller, hostname, name):
 
 @method("scheduler.devices.tags.list")
 def devices_tags_list(caller, hostname):
-    return sorted(devices.find(caller.master, hostname).tags)
+    return sorted(devices.find(caller, hostname).tags)
 
 
 @method("scheduler.devices.tags.delete")
@@ -365,15 +366,25 @@ def devices_tags_delete(caller, hostname, name):
 
 @method("scheduler.device_types.list")
 def device_types_list(caller, show_all=False):
-    rows = device_types.listing(caller.master, validate.flag(show_all, "show_all", False))
+    rows = device_types.listing(caller, validate.flag(show_all, "show_all", False))
     return [{"name": name, "devices": count, "installed": record is not None,
              "template": template} for name, record, count, template in rows]
+
+
+@method("scheduler.device_types.devices")
+def device_types_devices(caller, name, health=None):
+    """The devices of a type the caller may see (of one health, if given)."""
+    record = device_types.find(caller, name)
+    health = validate.state(DeviceHealth, health, "health")
+    found = devices.listing(caller, show_all=True, device_type=record.name, health=health)
+    return [{"hostname": d.hostname, "state": d.state.display, "health": d.health.display,
+             "worker": d.worker, "current_job": d.current_job} for d in found]
 
 
 @method("scheduler.device_types.show")
 def device_types_show(caller, name):
     master = caller.master
-    record = device_types.find(master, name)
+    record = device_types.find(caller, name)
     hostnames = [d.hostname for d in master.storage.list_devices(device_type=record.name)]
     return {"name": record.name, "description": record.description,
             "display": record.display, "health_disabled": record.health_disabled,
@@ -401,7 +412,7 @@ def device_types_update(caller, name, description=None, display=None, owners_onl
 
 @method("scheduler.device_types.get_template")
 def device_types_get_template(caller, name):
-    return _binary(device_types.get_template(caller.master, name))
+    return _binary(device_types.get_template(caller, name))
 
 
 @method("scheduler.device_types.set_template")
@@ -411,7 +422,7 @@ def device_types_set_template(caller, name, config):
 
 @method("scheduler.device_types.get_health_check")
 def device_types_get_health_check(caller, name):
-    return _binary(device_types.get_health_check(caller.master, name))
+    return _binary(device_types.get_health_check(caller, name))
 
 
 @method("scheduler.device_types.set_health_check")
@@ -455,7 +466,7 @@ def workers_update(caller, hostname, description=None, health=None, job_limit=No
 def _file_methods(kind, suffix):
     @method("scheduler.workers.get_%s" % suffix)
     def get(caller, hostname):
-        return _binary(workers.get_file(caller.master, kind, hostname))
+        return _binary(workers.get_file(caller, kind, hostname))
 
     @method("scheduler.workers.set_%s" % suffix)
     def set_(caller, hostname, config):
@@ -527,3 +538,7 @@ def dispatch(caller, name, params):
     except (OverflowError, TypeError) as exc:
         log.error("%s: cannot encode the answer: %s", name, exc)
         raise ApiError(INTERNAL, "Internal error: the answer cannot be encoded") from None
+
+
+# The methods of users, groups, permissions, tags and aliases register themselves here.
+from . import xmlrpc_auth  # noqa: E402,F401

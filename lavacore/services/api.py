@@ -12,6 +12,7 @@ import gevent
 import gevent.pool
 from gevent.pywsgi import LoggingLogAdapter, WSGIHandler, WSGIServer
 
+from ..api import websocket
 from ..api.app import Application
 from ..config import ConfigError
 from ..ratelog import RateLimitedLog
@@ -68,6 +69,22 @@ class _Handler(WSGIHandler):
             return super().read_request(raw_requestline)
         finally:
             self._head_timer.cancel()
+
+    def handle_one_response(self):
+        """A request to upgrade ``/ws/`` becomes the event stream (api/websocket.py),
+        which holds the connection until the client goes; the rest is WSGI."""
+        path = self.path.split("?", 1)[0]
+        if path not in ("/ws", "/ws/") or \
+                self.headers.get("Upgrade", "").lower() != "websocket":
+            return super().handle_one_response()
+        self.close_connection = True
+        app = self.application
+        refused = app.websocket_refusal(self.environ)
+        if refused is not None:
+            self.socket.sendall(refused)
+            return None
+        websocket.serve(self, app.master, self.environ.get("lavacore.user"))
+        return None
 
 
 class _Server(WSGIServer):

@@ -14,7 +14,7 @@ import uuid
 
 import zmq.green as zmq
 
-from .. import safeyaml
+from .. import permissions, safeyaml
 from ..ratelog import RateLimitedLog
 from ..storage import StorageError
 from .base import Service, recv_bounded
@@ -37,6 +37,7 @@ class EventService(Service):
         self._plain_sub = None
         self.topic = master.config.master.event_topic
         self._drops = RateLimitedLog(self.log)
+        self.subscribers = set()  # websocket sessions (lavacore.api.websocket)
 
     def setup(self):
         config = self.master.config.master
@@ -61,14 +62,34 @@ class EventService(Service):
         self.socket = self.sub = self._plain_sub = None
 
     def publish(self, kind, data, username=None):
-        """Publish one event and let the master react to it."""
+        """Publish one event and let the master react to it. The PUB socket's subscribers
+        are anonymous: an event of a job (or device) they may not see goes out without
+        what identifies it (permissions.event_for); each websocket subscriber gets it as
+        its own user may see it."""
+        topic = "%s.%s" % (self.topic, kind)
+        stamp = datetime.datetime.now(datetime.timezone.utc)
         if self.socket is not None:
-            try:
-                self.socket.send_multipart(
-                    encode_event("%s.%s" % (self.topic, kind), username, data), zmq.NOBLOCK)
-            except zmq.ZMQError as exc:
-                self.log.warning("cannot publish a %s event: %s", kind, exc)
+            shown = self._for_anonymous(kind, data, username)
+            if shown is not None:
+                try:
+                    self.socket.send_multipart(encode_event(topic, shown[1], shown[0], stamp),
+                                               zmq.NOBLOCK)
+                except zmq.ZMQError as exc:
+                    self.log.warning("cannot publish a %s event: %s", kind, exc)
+        for subscriber in list(self.subscribers):
+            subscriber.offer(kind, topic, data, username, stamp)
         self.master.on_event(kind, data)
+
+    def _for_anonymous(self, kind, data, username):
+        try:
+            return permissions.event_for(self.master.anonymous_policy(), kind, data, username)
+        except StorageError:
+            # Cannot tell who may see it: as little as any job event ever carries.
+            return permissions.event_for(None, kind, data, username)
+
+    def permissions_changed(self):
+        for subscriber in list(self.subscribers):
+            subscriber.permissions_changed()
 
     def run(self):
         if self.sub is None:

@@ -51,7 +51,16 @@ def build_parser():
     p.add_argument("--runner", default=DEFAULT_RUNNER, metavar="CMD",
                    help="runner command given lava-run's arguments (default: %(default)s)")
     p.add_argument("--runner-for", action="append", type=_runner_for, default=[],
-                   metavar="TYPE=CMD", help="runner command for one device type (repeatable)")
+                   metavar="TYPE=CMD", help="runner command for one device type (repeatable;"
+                   " the protocol v3 era lava-run: TYPE=lava-run)")
+    p.add_argument("--lava-run-for", action="append", default=[], metavar="TYPE",
+                   help="run this device type's jobs with LAVA's current lava-run (2020.09"
+                        " and later), its HTTP log forwarded to the master (repeatable; '*':"
+                        " every type but host and those of --runner-for)")
+    p.add_argument("--lava-run", default="lava-run", metavar="CMD",
+                   help="lava-run's command for --lava-run-for (default: %(default)s)")
+    p.add_argument("--run-as", default=None, metavar="USER",
+                   help="run the jobs' runners as this user (the worker runs as root)")
     timing = p.add_argument_group("timing (seconds; lava-slave's values by default)")
     timing.add_argument("--poll-timeout", type=float, default=5.0)
     timing.add_argument("--hello-retry", type=float, default=5.0,
@@ -82,12 +91,13 @@ def build_parser():
 def make_worker(args):
     return Worker(
         master=args.master, logs=args.logs, hostname=args.hostname, work_dir=args.work_dir,
-        runner=args.runner, runners=dict(args.runner_for), poll_timeout=args.poll_timeout,
+        runner=args.runner, runners=dict(args.runner_for), lava_run_for=args.lava_run_for,
+        lava_run=args.lava_run, poll_timeout=args.poll_timeout,
         hello_retry=args.hello_retry, job_check=args.job_check,
         ping_interval=args.ping_interval, min_ping_interval=args.min_ping_interval,
         cancel_term_again=args.cancel_term_again, cancel_kill=args.cancel_kill,
         master_timeout=args.master_timeout, ipv6=args.ipv6, encrypt=args.encrypt,
-        master_cert=args.master_cert, worker_cert=args.worker_cert)
+        master_cert=args.master_cert, worker_cert=args.worker_cert, run_as=args.run_as)
 
 
 def main(argv=None):

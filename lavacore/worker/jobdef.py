@@ -1,5 +1,6 @@
-"""What the built-in runner takes from a LAVA job definition: its timeouts, its actions
-and the inline test definitions of its ``test`` actions, checked before anything runs.
+"""What the built-in runner takes from a LAVA job definition: its timeouts, its actions,
+the test definitions of its ``test`` actions (inline, or from git: gitdefs.py fetches them
+and :func:`complete` reads them) and its MultiNode group, checked before anything runs.
 
 Everything that does not fit raises :class:`JobError` with one line naming the place
 (``actions[2].test.definitions[0]``, ``timeouts.job``, a YAML line), because LAVA reports
@@ -20,9 +21,12 @@ job runs (:func:`check_runnable`), so a job never passes having skipped what it 
 """
 
 import dataclasses
+import os
 import re
 
 import yaml
+
+from .. import safeyaml
 
 try:
     _Loader = yaml.CSafeLoader
@@ -42,7 +46,14 @@ _UNITS = {"days": 86400, "hours": 3600, "minutes": 60, "seconds": 1}
 TEST_ACTION_NAMES = ("lava-test-retry", "lava-test-shell")
 # The key of a device method (actions.deploy.methods.NAME) that makes it lavacore-run's.
 RUNNER_KEY = "lavacore-run"
-_INLINE_KEYS = ("metadata", "install", "run", "parse")
+_INLINE_KEYS = ("metadata", "install", "run", "parse", "params")
+_INSTALL_KEYS = ("keys", "sources", "deps", "steps", "git-repos")
+# skip_install's values; "all" is every one of the others.
+SKIP_INSTALL = _INSTALL_KEYS + ("all",)
+_GIT_KEYS = ("from", "name", "path", "repository", "revision", "branch", "shallow",
+             "history", "parameters", "params", "skip_install", "timeout", "lava-signal")
+# LAVA's poll timeout of one MultiNode call when the group sets none.
+DEFAULT_MULTINODE_TIMEOUT = 30.0
 _METHOD_KEYS = {"deploy": "to", "boot": "method", "command": "name"}
 
 
@@ -55,6 +66,38 @@ class Definition:
     name: str       # LAVA's "<index>_<name>", e.g. "0_smoke"
     steps: list
     params: dict
+    where: str = ""             # actions[1].test.definitions[0]
+    origin: str = "inline"      # or "git"
+    skip_install: frozenset = frozenset()
+    job_params: dict = dataclasses.field(default_factory=dict)  # override the testdef's
+    install: dict = dataclasses.field(default_factory=dict)  # the testdef's, checked
+    # from: git (gitdefs.py fetches it, :func:`complete` reads the file)
+    repository: str = None
+    path: str = None
+    revision: str = None
+    branch: str = None
+    shallow: bool = True
+    history: bool = True
+    commit: str = None
+
+    @property
+    def install_steps(self):
+        return [] if "steps" in self.skip_install else list(self.install.get("steps", []))
+
+    def install_list(self, key):
+        """keys, sources, deps or git-repos of ``install:``, unless skip_install says not."""
+        return [] if key in self.skip_install else list(self.install.get(key, []))
+
+
+@dataclasses.dataclass
+class MultiNode:
+    """The lava-multinode block of a sub-job, as the master sends it at START."""
+    group: str
+    role: str
+    roles: dict         # {job id (str): role} of the group's device jobs
+    size: int
+    timeout: float      # seconds one lava-send/wait/sync may take (the group's timeout)
+    coordinator: dict   # {"host": str or None, "port": int} set by the master, or None
 
 
 @dataclasses.dataclass
@@ -81,6 +124,11 @@ class JobPlan:
     device_type: str
     job_timeout: float
     actions: list
+    multinode: MultiNode = None
+
+    @property
+    def definitions(self):
+        return [d for test in self.tests for d in test.definitions]
 
     @property
     def tests(self):
@@ -127,60 +175,194 @@ def _step(value, where):
     raise JobError("%s: a step must be a string, got %r" % (where, value))
 
 
-def _inline(repo, where):
-    """The steps of an inline definition; its keys are checked so that a typo (``stepz:``)
-    is an error, not a definition that runs nothing and passes."""
+def _steps(value, where):
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise JobError("%s: expected a list of shell lines" % where)
+    return [_step(s, "%s[%d]" % (where, i)) for i, s in enumerate(value)]
+
+
+def _install(block, where):
+    """An ``install:`` block, checked: lists of strings (git-repos: of URLs or mappings)."""
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise JobError("%s: expected a mapping (keys, sources, deps, steps, git-repos)"
+                       % where)
+    checked = {}
+    for key, value in block.items():
+        here = "%s.%s" % (where, key)
+        if key == "git-repos":
+            if not isinstance(value, list):
+                raise JobError("%s: expected a list of repositories" % here)
+            for i, repo in enumerate(value):
+                if not isinstance(repo, (str, dict)) or (isinstance(repo, dict) and not
+                                                        isinstance(repo.get("url"), str)):
+                    raise JobError("%s[%d]: expected a URL or a mapping with 'url'"
+                                   % (here, i))
+            checked[key] = value
+        elif key in _INSTALL_KEYS or (isinstance(key, str) and key.startswith("deps-")):
+            checked[key] = _steps(value, here)
+        else:
+            raise JobError("%s: unknown key %r (an install block has %s)"
+                           % (where, key, ", ".join(_INSTALL_KEYS)))
+    return checked
+
+
+def _testdef(repo, where):
+    """(steps, install, params) of a test definition (inline, or a git definition's
+    file); its keys are checked so that a typo (``stepz:``) is an error, not a definition
+    that runs nothing and passes."""
     if not isinstance(repo, dict):
-        raise JobError("%s.repository: an inline definition needs a mapping here" % where)
+        raise JobError("%s: a test definition needs a mapping here" % where)
     for key in repo:
         if key not in _INLINE_KEYS:
-            raise JobError("%s.repository: unknown key %r (an inline definition has %s)"
+            raise JobError("%s: unknown key %r (a test definition has %s)"
                            % (where, key, ", ".join(_INLINE_KEYS)))
+    install = _install(repo.get("install"), where + ".install")
+    params = _params(repo.get("params"), where + ".params")
     if "run" not in repo:
-        return []
+        return [], install, params
     run = repo["run"]
     if not isinstance(run, dict):
-        raise JobError("%s.repository.run: expected a mapping with 'steps'" % where)
+        raise JobError("%s.run: expected a mapping with 'steps'" % where)
     unknown = [key for key in run if key != "steps"]
     if unknown:
-        raise JobError("%s.repository.run: unknown key %r (the only one is 'steps')"
+        raise JobError("%s.run: unknown key %r (the only one is 'steps')"
                        % (where, unknown[0]))
     if "steps" not in run:
-        raise JobError("%s.repository.run: 'steps' is required" % where)
-    steps = run["steps"] or []
-    if not isinstance(steps, list):
-        raise JobError("%s.repository.run.steps: expected a list of shell lines" % where)
-    return [_step(s, "%s.repository.run.steps[%d]" % (where, i)) for i, s in enumerate(steps)]
+        raise JobError("%s.run: 'steps' is required" % where)
+    return _steps(run["steps"] or [], where + ".run.steps"), install, params
+
+
+def _params(source, where):
+    if source is None:
+        return {}
+    if not isinstance(source, dict):
+        raise JobError("%s: expected a mapping" % where)
+    params = {}
+    for pname, pvalue in source.items():
+        if not isinstance(pname, str) or not SHELL_NAME_RE.match(pname):
+            raise JobError("%s: %r is not a valid shell variable name" % (where, pname))
+        params[pname] = "" if pvalue is None else str(pvalue)
+    return params
+
+
+def _flag(item, key, default, where):
+    value = item.get(key, default)
+    if not isinstance(value, bool):
+        raise JobError("%s.%s: expected true or false, got %r" % (where, key, value))
+    return value
 
 
 def _definition(item, where, index):
     if not isinstance(item, dict):
         raise JobError("%s: expected a mapping, got %r" % (where, item))
     origin = item.get("from")
-    if origin != "inline":
-        raise JobError("%s: 'from: %s' is not supported by lavacore-run (only 'from: inline')"
-                       % (where, origin))
+    if origin not in ("inline", "git"):
+        raise JobError("%s: 'from: %s' is not supported by lavacore-run (only 'from: inline'"
+                       " and 'from: git')" % (where, origin))
+    name = item.get("name")
     repo = item.get("repository")
-    steps = _inline(repo, where)
-    metadata = repo.get("metadata") if isinstance(repo.get("metadata"), dict) else {}
-    name = item.get("name") or metadata.get("name")
+    if origin == "inline":
+        steps, install, testdef_params = _testdef(repo, where + ".repository")
+        metadata = repo.get("metadata") if isinstance(repo.get("metadata"), dict) else {}
+        name = name or metadata.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise JobError("%s.name: expected a name of letters, digits, '-', '_' or '.', got %r"
                        % (where, name))
-    # The definition's `params` are defaults; the job's `parameters` override them (LAVA).
-    params = {}
-    for key, source in (("repository.params", repo.get("params")),
-                        ("parameters", item.get("parameters"))):
-        if source is None:
-            continue
-        if not isinstance(source, dict):
-            raise JobError("%s.%s: expected a mapping" % (where, key))
-        for pname, pvalue in source.items():
-            if not isinstance(pname, str) or not SHELL_NAME_RE.match(pname):
-                raise JobError("%s.%s: %r is not a valid shell variable name"
-                               % (where, key, pname))
-            params[pname] = "" if pvalue is None else str(pvalue)
-    return Definition("%d_%s" % (index, name), steps, params)
+    if name == "lava":
+        raise JobError("%s.name: 'lava' is reserved for LAVA's own results" % where)
+    skip = item.get("skip_install") or []
+    if not isinstance(skip, list) or any(s not in SKIP_INSTALL for s in skip):
+        raise JobError("%s.skip_install: expected a list of %s" % (where,
+                                                                  ", ".join(SKIP_INSTALL)))
+    skip = frozenset(_INSTALL_KEYS if "all" in skip else skip)
+    # The job's `parameters` (and `params`, which LAVA reads too) override the
+    # definition's own `params` defaults.
+    job_params = _params(item.get("parameters"), where + ".parameters")
+    job_params.update(_params(item.get("params"), where + ".params"))
+    definition = Definition("%d_%s" % (index, name), [], {}, where=where, origin=origin,
+                            skip_install=skip, job_params=job_params)
+    if origin == "inline":
+        definition.steps, definition.install = steps, install
+        definition.params = dict(testdef_params, **job_params)
+        return definition
+    for key in item:
+        if key not in _GIT_KEYS:
+            raise JobError("%s: unknown key %r (a git definition has %s)"
+                           % (where, key, ", ".join(_GIT_KEYS)))
+    if not isinstance(repo, str) or not repo.strip():
+        raise JobError("%s.repository: expected the git repository's address" % where)
+    path = item.get("path")
+    if not isinstance(path, str) or not path.strip():
+        raise JobError("%s.path: expected the path of the definition's YAML file in the"
+                       " repository" % where)
+    normal = os.path.normpath(path)
+    if os.path.isabs(path) or normal == ".." or normal.startswith("../"):
+        raise JobError("%s.path: %r is outside the repository" % (where, path))
+    for key in ("revision", "branch"):
+        value = item.get(key)
+        if value is not None and (not isinstance(value, (str, int)) or isinstance(
+                value, bool) or not str(value).strip() or str(value).startswith("-")):
+            raise JobError("%s.%s: expected a git %s, got %r" % (where, key, key, value))
+    definition.repository = repo.strip()
+    definition.path = normal
+    definition.revision = None if item.get("revision") is None else str(item["revision"])
+    definition.branch = None if item.get("branch") is None else str(item["branch"])
+    # LAVA: shallow unless a revision is asked for (a shallow clone may not hold it).
+    definition.shallow = definition.revision is None and _flag(item, "shallow", True, where)
+    definition.history = _flag(item, "history", True, where)
+    return definition
+
+
+def complete(definition, text):
+    """Read a git definition's file (``text``): its steps, install block and params,
+    which the job's parameters override. Raises JobError naming the file."""
+    where = "%s (%s in %s)" % (definition.where, definition.path, definition.repository)
+    try:
+        data = safeyaml.load(text)
+    except (yaml.YAMLError, ValueError) as exc:
+        raise JobError("%s: not valid YAML: %s" % (where, _yaml_error(exc))) from None
+    steps, install, params = _testdef(data, where)
+    definition.steps, definition.install = steps, install
+    definition.params = dict(params, **definition.job_params)
+    return definition
+
+
+def multinode(data):
+    """The job's :class:`MultiNode` block, or None when it is not a MultiNode sub-job."""
+    protocols = data.get("protocols")
+    block = protocols.get("lava-multinode") if isinstance(protocols, dict) else None
+    if block is None:
+        return None
+    where = "protocols.lava-multinode"
+    if not isinstance(block, dict):
+        raise JobError("%s: expected a mapping" % where)
+    group, role = block.get("target_group"), block.get("role")
+    if not isinstance(group, str) or not group:
+        return None  # a group definition not split into sub-jobs: nothing to join
+    if not isinstance(role, str) or not role:
+        raise JobError("%s.role: a MultiNode sub-job needs its role" % where)
+    roles = block.get("roles")
+    roles = ({str(k): str(v) for k, v in roles.items() if isinstance(v, (str, int))}
+             if isinstance(roles, dict) else {})
+    size = block.get("group_size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        size = len(roles) or 1
+    timeout = DEFAULT_MULTINODE_TIMEOUT
+    if block.get("timeout") is not None:
+        timeout = duration(block["timeout"], where + ".timeout")
+    coordinator = block.get("coordinator")
+    if coordinator is not None:
+        port = coordinator.get("port") if isinstance(coordinator, dict) else None
+        host = coordinator.get("host") if isinstance(coordinator, dict) else None
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536 or \
+                not isinstance(host, (str, type(None))):
+            raise JobError("%s.coordinator: expected {host: HOST, port: PORT}" % where)
+        coordinator = {"host": host or None, "port": port}
+    return MultiNode(group, role, roles, size, timeout, coordinator)
 
 
 def _timeouts(data, where):
@@ -275,7 +457,7 @@ def load(text, device=None):
             actions.append(Action(number, kind, where, method))
     return JobPlan(data=data, job_name=str(data.get("job_name") or ""),
                    device_type=str(data.get("device_type") or ""), job_timeout=job_timeout,
-                   actions=actions)
+                   actions=actions, multinode=multinode(data))
 
 
 def own_methods(device, kind):

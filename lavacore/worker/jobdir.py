@@ -22,6 +22,12 @@ except AttributeError:  # pragma: no cover
 log = logging.getLogger("lavacore.worker")
 
 DEFAULT_RUNNER = "lavacore-run"
+# The runner that runs LAVA's current lava-run (lavarun.py).
+LAVA_RUN_BRIDGE = "lavacore-lava-run"
+# Runners that are lavacore's own modules: importable wherever the worker is, even when
+# their console scripts are not on PATH (a venv not activated, say).
+_OWN_RUNNERS = {DEFAULT_RUNNER: "lavacore.worker.runner",
+                LAVA_RUN_BRIDGE: "lavacore.worker.lavarun"}
 # The largest compressed copy attached to END (the master's [master] max_message is
 # 64 MiB by default: a larger frame would cut the connection, and END would never pass).
 MAX_LOG_COPY = 48 * 1024 * 1024
@@ -103,26 +109,44 @@ def runner_argv(command, job_id, job_dir, logs_url, has_env_dut, ipv6=False, cer
     return argv
 
 
-def spawn(argv, job_dir, env):
-    """Start the runner with stdout/stderr in the job dir; return its gevent Popen."""
+def identity(user):
+    """(name, uid, gid) of a user to run jobs as; ValueError naming it if unknown."""
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise ValueError("run_as: no such user %r" % user) from None
+    return entry.pw_name, entry.pw_uid, entry.pw_gid
+
+
+def spawn(argv, job_dir, env, run_as=None):
+    """Start the runner with stdout/stderr in the job dir; return its gevent Popen.
+    ``run_as`` (name, uid, gid): the runner runs as that user, owning its job dir."""
     # Resolved with the worker's PATH, not the job's: a purged env must not hide it.
     if os.sep not in argv[0]:
         found = shutil.which(argv[0])
         if found is not None:
             argv = [found] + argv[1:]
-        elif argv[0] == DEFAULT_RUNNER:
-            # The built-in runner is importable wherever the worker is, even when its
-            # console script is not on PATH (a venv not activated, say).
-            argv = [sys.executable, "-m", "lavacore.worker.runner"] + argv[1:]
+        elif argv[0] in _OWN_RUNNERS:
+            argv = [sys.executable, "-m", _OWN_RUNNERS[argv[0]]] + argv[1:]
         else:
             raise FileNotFoundError("runner command %r not found on PATH" % argv[0])
     with open(os.path.join(job_dir, "stdout"), "wb") as out, \
             open(os.path.join(job_dir, "stderr"), "wb") as err:
         # start_new_session: the runner leads its own session and process group, so a
         # worker that stops or dies leaves it running, and CANCEL can signal the group.
+        user = {}
+        if run_as is not None:
+            name, uid, gid = run_as
+            for root, dirs, files in os.walk(job_dir):
+                for entry in [root] + [os.path.join(root, n) for n in dirs + files]:
+                    os.lchown(entry, uid, gid)
+            env = dict(env, USER=name, LOGNAME=name)
+            user = {"user": uid, "group": gid, "extra_groups": os.getgrouplist(name, gid)}
         return gevent.subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=err, env=env, cwd=job_dir, close_fds=True,
-                                       start_new_session=True)
+                                       start_new_session=True, **user)
 
 
 def append_stderr(job_dir, text):

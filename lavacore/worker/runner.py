@@ -3,25 +3,30 @@
     lavacore-run --device=DIR/device.yaml --dispatcher=DIR/dispatcher.yaml --output-dir=DIR
                  --job-id=ID --logging-url=URL DIR/job.yaml [--env-dut=DIR/env.dut.yaml]
 
-It runs the job's ``test`` actions (inline definitions) on this host, and the deploy and
-boot methods its device type declares as this runner's own (jobdef.py); any other action
-fails the job before anything runs. It streams every line to the master's log socket as it
-happens, writes ``description.yaml`` and always ends with the ``lava``/``job`` result line
-that decides the job's health. Exit status 0 when the job ran to its end (even with failed
-test cases), 1 when it could not.
+It runs the job's ``test`` actions on this host (inline definitions, and definitions from
+git, fetched through the worker's cache before anything runs: gitdefs.py), with LAVA's test
+shell helpers on the steps' PATH (testshell.py, helpers/), MultiNode ones included, which
+talk to the coordinator the master names in the job's lava-multinode block; and the deploy
+and boot methods its device type declares as this runner's own (jobdef.py). Any other
+action fails the job before anything runs. It streams every line to the master's log
+socket as it happens, writes ``description.yaml`` and always ends with the ``lava``/``job``
+result line that decides the job's health. Exit status 0 when the job ran to its end (even
+with failed test cases), 1 when it could not.
 """
 
 import argparse
+import json
 import os
 import signal
 import sys
 import time
 import traceback
+import urllib.parse
 
 import yaml
 
 from .. import __version__
-from . import environ, jobdef
+from . import environ, gitdefs, jobdef
 from .logsender import LOG_COPY, LogSender
 from .testshell import TestShell
 
@@ -29,6 +34,10 @@ try:
     _Loader, _Dumper = yaml.CSafeLoader, yaml.CSafeDumper
 except AttributeError:  # pragma: no cover
     _Loader, _Dumper = yaml.SafeLoader, yaml.SafeDumper
+
+# Where lava-run finds the coordinator (Debian's lava-coordinator package); read when
+# the master names none in the job.
+COORDINATOR_CONF = "/etc/lava-coordinator/lava-coordinator.conf"
 
 # description.yaml's `compatibility`, which the master stores as the job's pipeline
 # compatibility; bumped when what this runner accepts changes incompatibly.
@@ -68,6 +77,20 @@ class Signals:
 
 def _seconds(value):
     return "%g seconds" % round(value, 3)
+
+
+def _url_host(url):
+    """The host of tcp://HOST:PORT (this host when it names every address or none)."""
+    if not url:
+        return "127.0.0.1"
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return "127.0.0.1" if host in ("", "*", "0.0.0.0") else ("::1" if host == "::" else host)
+
+
+def _param(definition, value):
+    if isinstance(value, str) and value in definition.params:
+        return definition.params[value]
+    return value
 
 
 def _hms(value):
@@ -166,17 +189,137 @@ class JobRun:
                              _hms(plan.job_timeout)))
         root = os.path.join(args.output_dir, "lava-test")
         self.shell = TestShell(root, env, self.sender, self.signals.wake_fd,
-                               self.signals.canceled)
+                               self.signals.canceled, multinode=self._multinode(plan))
         try:
             self.shell.setup()
         except OSError as exc:
             raise Failure("Infrastructure", "cannot set up the test shell in %s: %s"
                           % (root, exc.strerror or exc)) from None
+        self._fetch(plan, job_deadline)
         for action in plan.actions:
             if action.test is not None:
                 self._test_action(plan, action.test, job_deadline)
             else:
                 self._own_action(plan, action, job_deadline)
+
+    # -- MultiNode --------------------------------------------------------------------
+
+    def _multinode(self, plan):
+        """What the MultiNode helpers need (helpers/multinode.py), or None."""
+        group = plan.multinode
+        if group is None:
+            return None
+        coordinator, why = self._coordinator(group)
+        self.sender.log("info", "MultiNode: job %s is role %s of group %s (%d job(s));"
+                        " coordinator %s; a lava-send, lava-wait or lava-sync may take %s"
+                        % (self.args.job_id, group.role, group.group, group.size,
+                           "%s:%d" % (coordinator["host"], coordinator["port"])
+                           if coordinator else "none (%s)" % why, _seconds(group.timeout)))
+        return {"job": str(self.args.job_id), "group": group.group, "role": group.role,
+                "roles": group.roles, "size": group.size, "timeout": group.timeout,
+                "coordinator": coordinator, "coordinator_error": why}
+
+    def _coordinator(self, group):
+        """({host, port}, None) of the coordinator, or (None, why there is none): the one
+        the master names in the job (its host defaults to the master's, as this runner
+        reaches it: the host of --logging-url), else lava-run's configuration file."""
+        if group.coordinator is not None:
+            host = group.coordinator["host"] or _url_host(self.args.logging_url)
+            return {"host": host, "port": group.coordinator["port"]}, None
+        try:
+            with open(COORDINATOR_CONF, encoding="utf-8") as f:
+                data = json.loads(f.read(65536))
+            port = int(data.get("port", 3079))
+            host = str(data.get("coordinator_hostname") or "localhost")
+            return {"host": host, "port": port}, None
+        except FileNotFoundError:
+            return None, ("the master named none in the job and %s does not exist"
+                          % COORDINATOR_CONF)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            return None, "%s is unusable: %s" % (COORDINATOR_CONF, exc)
+
+    # -- git definitions ----------------------------------------------------------------
+
+    def _fetch(self, plan, job_deadline):
+        """Clone the git definitions (and the install: git-repos of all definitions)
+        before any action runs, as LAVA builds its overlay before it boots."""
+        fetcher = None
+        for definition in plan.definitions:
+            if definition.origin != "git" and not definition.install_list("git-repos"):
+                continue
+            if fetcher is None:
+                cache = gitdefs.default_cache(self.args.output_dir)
+                fetcher = gitdefs.Fetcher(cache, self.sender.log, job_deadline,
+                                          self.signals.canceled)
+            try:
+                if definition.origin == "git":
+                    self._fetch_git(fetcher, definition)
+                self._install_repos(fetcher, definition)
+            except gitdefs.Canceled:
+                self._check_canceled()
+                raise
+            except gitdefs.GitError as exc:
+                raise Failure(exc.error_type, "%s: %s" % (definition.name, exc.message)) \
+                    from None
+            except OSError as exc:
+                raise Failure("Infrastructure", "%s: %s" % (definition.name, exc)) from None
+
+    def _fetch_git(self, fetcher, definition):
+        log = self.sender.log
+        where = self.shell.workdir(definition)
+        wanted = ", ".join("%s %s" % (k, v) for k, v in (("branch", definition.branch),
+                                                          ("revision", definition.revision))
+                           if v is not None)
+        log("info", "%s: fetching %s from %s%s" % (definition.name, definition.path,
+                                                   definition.repository,
+                                                   " (%s)" % wanted if wanted else ""))
+        started = time.monotonic()
+        definition.commit = fetcher.checkout(
+            definition.repository, where, revision=definition.revision,
+            branch=definition.branch, shallow=definition.shallow,
+            history=definition.history)
+        text = gitdefs.read_definition(where, definition.path)
+        try:
+            jobdef.complete(definition, text)
+        except jobdef.JobError as exc:
+            raise gitdefs.GitError("Job", str(exc)) from None
+        log("info", "%s: commit %s, %d step(s), in %s (%.2f s)"
+            % (definition.name, definition.commit, len(definition.steps), where,
+               time.monotonic() - started))
+
+    def _install_repos(self, fetcher, definition):
+        """``install: git-repos``, cloned into the definition's directory (LAVA does
+        that on the dispatcher too); the others (deps, keys, sources) are not done on the
+        worker host (see _install_notes)."""
+        where = self.shell.workdir(definition)
+        os.makedirs(where, exist_ok=True)
+        for repo in definition.install_list("git-repos"):
+            if isinstance(repo, str):
+                url, branch, destination = repo, None, gitdefs.repo_dir_name(repo)
+            else:
+                # LAVA: a value naming a parameter of the definition is replaced by it.
+                url = _param(definition, repo["url"])
+                branch = _param(definition, repo.get("branch"))
+                destination = _param(definition, repo.get("destination")) or \
+                    gitdefs.repo_dir_name(url)
+            destination = str(destination)
+            if not destination or "/" in destination or destination in (".", ".."):
+                raise gitdefs.GitError("Job", "install: git-repos: destination %r must be"
+                                              " a plain directory name" % destination)
+            self.sender.log("info", "%s: install: git-repos: %s into %s"
+                            % (definition.name, url, destination))
+            fetcher.checkout(str(url), os.path.join(where, destination),
+                             branch=None if branch is None else str(branch), shallow=False)
+
+    def _install_notes(self, definition):
+        for key, what in (("keys", "apt keys"), ("sources", "package sources"),
+                          ("deps", "packages")):
+            items = definition.install_list(key)
+            if items:
+                self.sender.log("warning", "%s: install: %s: lavacore-run does not install %s"
+                                " on the worker host (LAVA does the same for a system whose"
+                                " distribution it cannot manage); they must already be"
+                                " there: %s" % (definition.name, key, what, " ".join(items)))
 
     def _own_action(self, plan, action, job_deadline):
         """A deploy or boot method the device type declares as this runner's own: the
@@ -200,21 +343,35 @@ class JobRun:
         deadline = min(job_deadline, action_deadline)
         log("info", "start: %d lava-test-shell (timeout %s)"
             % (action.number, _hms(deadline - now)))
+        failed_install = []
         for definition in action.definitions:
             self._check_canceled()
-            log("info", "running %s: %d step(s)" % (definition.name, len(definition.steps)))
+            log("info", "running %s: %d step(s)%s" % (
+                definition.name, len(definition.steps),
+                ", after %d install step(s)" % len(definition.install_steps)
+                if definition.install_steps else ""))
+            self._install_notes(definition)
             try:
                 outcome = self.shell.run(definition, deadline)
             except OSError as exc:
                 raise Failure("Infrastructure", "cannot run %s: %s"
                               % (definition.name, exc.strerror or exc)) from None
-            duration = "%.2f" % outcome.duration
+            extra = self._run_result(definition, outcome)
             if outcome.status == "done":
                 log("info", "%s: steps ended with exit code %d after %s s"
-                    % (definition.name, outcome.rc, duration))
-                self.sender.result("lava", definition.name, "pass", duration=duration)
+                    % (definition.name, outcome.rc, extra["duration"]))
+                self.sender.result("lava", definition.name, "pass", **extra)
                 continue
-            self.sender.result("lava", definition.name, "fail", duration=duration)
+            self.sender.result("lava", definition.name, "fail", **extra)
+            if outcome.status == "install_failed":
+                # LAVA: the definition's run is skipped, the others still run, and the
+                # test action then fails.
+                log("error", "%s: install steps failed with exit code %d: its steps are"
+                    " not run" % (definition.name, outcome.rc))
+                failed_install.append(definition.name)
+                continue
+            if outcome.status == "aborted":
+                raise Failure(*outcome.error)
             self._check_canceled()
             if job_deadline <= action_deadline:
                 raise Failure("Job", "job timed out after %s (in %s)"
@@ -226,8 +383,21 @@ class JobRun:
                 return
             raise Failure("Job", "lava-test-shell (action %d) timed out after %s (in %s)"
                           % (action.number, _seconds(action.timeout), definition.name))
+        if failed_install:
+            raise Failure("Test", "the install steps of %s failed: their steps did not run"
+                          % ", ".join(failed_install))
         log("info", "end: %d lava-test-shell (duration %s)"
             % (action.number, _hms(time.monotonic() - now)))
+
+    @staticmethod
+    def _run_result(definition, outcome):
+        """The extra fields of the lava/<definition> result, LAVA's for git ones."""
+        extra = {"duration": "%.2f" % outcome.duration}
+        if definition.origin == "git":
+            extra.update(repository=definition.repository, path=definition.path,
+                         revision=definition.revision or definition.branch or "unspecified",
+                         commit_id=definition.commit)
+        return extra
 
     def _device(self):
         text = self._read(self.args.device, "device config", "Infrastructure")
@@ -252,7 +422,7 @@ class JobRun:
         test = action.test
         return {"class": "TestShellAction", "name": "lava-test-shell",
                 "level": str(test.number), "summary": "lavacore-run test shell",
-                "description": "inline test definitions run on the worker host",
+                "description": "test definitions run on the worker host",
                 "timeout": test.timeout or plan.job_timeout,
                 "definitions": [d.name for d in test.definitions]}
 

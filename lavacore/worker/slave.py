@@ -42,8 +42,8 @@ import gevent.subprocess
 import zmq.green as zmq
 
 from .. import __version__, protocol
-from . import environ, jobdir, procs
-from .jobdir import DEFAULT_RUNNER
+from . import environ, jobdir, procs, proctree
+from .jobdir import DEFAULT_RUNNER, LAVA_RUN_BRIDGE
 from .jobtable import (CANCELING, DONE, FINISHED, RUNNING, STATUS_NAMES, JobTable,
                        JobTableError)
 
@@ -79,6 +79,13 @@ class Worker:
     runner as ``--logging-url``; ``hostname``: this worker's identity; ``work_dir``: holds
     ``db.sqlite3`` and ``tmp/<prefix><job id>``. ``runner``: the default runner command (a
     shell-style string, e.g. ``"nice lava-run"``); ``runners``: ``{device_type: command}``.
+    ``lava_run_for``: device types whose jobs run with LAVA's current lava-run (LAVA
+    2020.09 and later, which logs over HTTP), through lavacore's bridge
+    (lavacore/worker/lavarun.py); ``"*"`` stands for every type but ``host``. A type in
+    ``runners`` keeps its own command. ``lava_run``: lava-run's command (default
+    ``lava-run``; ``"nice lava-run"`` as lava-worker runs it). The protocol v3 era lava-run
+    (2018-2020), which logs to the master's ZeroMQ socket itself, is a plain runner:
+    ``runners={"beaglebone-black": "lava-run"}``.
     ``context``: a ``zmq.green`` Context to share (the master's, say); by default the worker
     makes its own and terminates it at the end. Intervals are seconds, lava-slave's values by
     default: ``poll_timeout`` (longest wait in one poll), ``hello_retry``, ``job_check``,
@@ -87,11 +94,12 @@ class Worker:
     """
 
     def __init__(self, master, logs, hostname, work_dir, *, runner=DEFAULT_RUNNER,
-                 runners=None, context=None, poll_timeout=5.0, hello_retry=5.0,
+                 runners=None, lava_run_for=(), lava_run="lava-run", context=None,
+                 poll_timeout=5.0, hello_retry=5.0,
                  job_check=5.0, ping_interval=5.0, min_ping_interval=5,
                  cancel_term_again=60.0, cancel_kill=120.0, send_hwm=10, ipv6=False,
                  encrypt=False, master_cert=None, worker_cert=None, dns_check=True,
-                 master_timeout=None, clock=time.time):
+                 master_timeout=None, run_as=None, clock=time.time):
         if not master:
             raise ValueError("a master URL is needed (--master)")
         if not logs:
@@ -107,6 +115,25 @@ class Worker:
         self.runner = self._command("runner", runner)
         self.runners = {str(k): self._command("runner for %s" % k, v)
                         for k, v in (runners or {}).items()}
+        if isinstance(lava_run_for, str):
+            lava_run_for = [lava_run_for]
+        self.lava_run_for = frozenset(str(t).strip() for t in lava_run_for or ())
+        if "" in self.lava_run_for:
+            raise ValueError("lava_run_for: empty device type")
+        lava_run = self._command("lava_run", lava_run)
+        if self.lava_run_for:
+            # Found with the worker's PATH, as runners are: a job's env may change PATH.
+            found = shutil.which(lava_run[0])
+            if found is None:
+                log.warning("lava-run command %r not found on PATH: jobs of device type(s)"
+                            " %s will fail until it is installed (Debian package"
+                            " lava-dispatcher)", lava_run[0], ", ".join(sorted(
+                                self.lava_run_for)))
+            else:
+                lava_run = [found] + lava_run[1:]
+        # The bridge takes lava-run's command as one word: a shell-style string.
+        self.lava_run_bridge = [LAVA_RUN_BRIDGE,
+                                "--lava-run=%s" % " ".join(shlex.quote(a) for a in lava_run)]
         self.context = context
         self.poll_timeout = _positive("poll_timeout", poll_timeout)
         self.hello_retry = _positive("hello_retry", hello_retry)
@@ -129,6 +156,13 @@ class Worker:
         self.master_timeout = (None if master_timeout is None
                                else _positive("master_timeout", master_timeout))
         self.clock = clock
+        # Runners (job steps) run as this user; only a worker running as root can.
+        self.run_as = None
+        if run_as:
+            if os.geteuid() != 0:
+                raise ValueError("run_as %s: the worker must run as root to run its jobs as"
+                                 " another user" % run_as)
+            self.run_as = jobdir.identity(run_as)
         # New at each start: lets the master tell a restart from a second worker process
         # using this hostname (an extra HELLO frame LAVA's master does not read).
         self.instance = uuid.uuid4().hex[:12]
@@ -520,10 +554,7 @@ class Worker:
         try:
             jobdir.write_files(job_dir, definition, device, dispatcher, env_dut)
             env = environ.apply(os.environ, env, "env of job %d" % job_id)
-            command = self.runner
-            if self.runners:
-                command = self.runners.get(jobdir.device_type(job_id, definition, device),
-                                           self.runner)
+            command = self.runner_for(jobdir.device_type(job_id, definition, device))
             argv = jobdir.runner_argv(
                 command, job_id, job_dir, self.logs, bool(env_dut), self.ipv6,
                 (self.master_cert, self.worker_cert) if self.encrypt else None)
@@ -531,7 +562,7 @@ class Worker:
             # spawn finds its runner again (by its command line) instead of starting a
             # second one when START comes again.
             self.table.insert(job_id, 0, RUNNING, self.clock(), prefix)
-            proc = jobdir.spawn(argv, job_dir, env)
+            proc = jobdir.spawn(argv, job_dir, env, self.run_as)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             # Spec 4.4 step 5-6: START_OK anyway; the END that follows carries the reason.
             reason = "cannot start the runner of job %d: %s" % (job_id, exc)
@@ -548,6 +579,15 @@ class Worker:
         self._send(protocol.start_ok(job_id))
         log.info("job %d: runner started (pid %d) in %s: %s", job_id, proc.pid, job_dir,
                  " ".join(shlex.quote(a) for a in argv))
+
+    def runner_for(self, device_type):
+        """The runner command for a job on ``device_type`` (None: unknown)."""
+        if device_type in self.runners:
+            return self.runners[device_type]
+        if device_type is not None and (device_type in self.lava_run_for or (
+                "*" in self.lava_run_for and device_type != "host")):
+            return self.lava_run_bridge
+        return self.runner
 
     def _on_cancel(self, job_id):
         self._mark_alive()
@@ -676,10 +716,15 @@ class Worker:
                     continue
                 elapsed = now - row.last_update
                 if elapsed >= self.cancel_kill:
+                    # Its tree first, read while the parent links hold: what a runner
+                    # started in sessions of their own (lava-run's qemu) is in no group
+                    # or session of the runner's.
+                    tree = proctree.kill_tree(row.pid)
                     procs.signal_group(row.pid, signal.SIGKILL)
                     swept = procs.kill_session(row.pid)
                     log.warning("job %d: still running %.1f s after CANCEL: SIGKILL sent "
-                                "(%d process(es) of its session)", row.id, elapsed, swept)
+                                "(%d process(es) of its session, %d below it)", row.id,
+                                elapsed, swept, len(tree))
                 elif elapsed >= self.cancel_term_again:
                     procs.signal_group(row.pid, signal.SIGTERM)
                     log.warning("job %d: still running %.1f s after CANCEL: SIGTERM sent "

@@ -24,17 +24,26 @@ job and started on its worker with the host device's configuration trimmed as LA
 
 Life cycle: canceling one sub-job cancels the group; an essential role ending Incomplete
 cancels the others.
+
+Synchronisation (lava-send, lava-wait, lava-wait-all, lava-sync): the coordinator service
+(lavacore/services/coordinator.py, registered here, ``[coordinator]`` table), which
+speaks lava-coordinator's protocol and is told of every state change of a group's jobs,
+so that waits on a member that ended fail at once. START gives each sub-job the
+coordinator's port (``protocols: lava-multinode: coordinator:``), which lavacore-run
+uses; LAVA's lava-run ignores it and reads /etc/lava-coordinator/lava-coordinator.conf.
 """
 
 import heapq
 import itertools
 import uuid
+import weakref
 
 from lavacore import devices as devices_mod
 from lavacore.hookspecs import hookimpl
 from lavacore.jobs import check_device_type, parse_priority
 from lavacore.models import Job
 from lavacore.scheduling import job_fits
+from lavacore.services import coordinator as coordinator_mod
 from lavacore.states import DeviceHealth, JobHealth, JobState
 
 from .split import split
@@ -107,6 +116,28 @@ def split_job(master, storage, definition, submitter, now):
                         definition=devices_mod.yaml_dump(sub),
                         original_definition=definition.text, target_group=group))
     return jobs
+
+
+# -- synchronisation: the coordinator service ------------------------------------------
+
+_coordinators = weakref.WeakKeyDictionary()  # master -> its CoordinatorService
+
+
+@hookimpl
+def configure(config, master):
+    coordinator_mod.settings(config)  # a bad [coordinator] table is an error at start
+
+
+@hookimpl
+def register_services(master):
+    service = coordinator_mod.CoordinatorService(master)
+    _coordinators[master] = service
+    return [service]
+
+
+def coordinator(master):
+    """The master's coordinator service, or None."""
+    return _coordinators.get(master) if master is not None else None
 
 
 # -- allocation -------------------------------------------------------------------------
@@ -247,7 +278,9 @@ def start_job(master, job, device):
         else:
             dynamic.append((member, host_role))
     role_name = roles.get(str(job.id))
-    definition = _with_roles(job.definition, roles)
+    service = coordinator(master)
+    where = service.advertised() if service is not None else None
+    definition = _with_roles(job.definition, roles, where)
     storage.update_job(job.id, definition=definition)
     job.definition = definition
     context = (devices_mod.yaml_load(job.definition) or {}).get("context") or {}
@@ -264,19 +297,25 @@ def start_job(master, job, device):
         # started once, on that job's worker (LAVA started it once per device job).
         if member.state == JobState.SUBMITTED:
             master.flow.schedule_dynamic(member.id, job.worker)
-        member_definition = _with_roles(member.definition, roles)
+        member_definition = _with_roles(member.definition, roles, where)
         storage.update_job(member.id, definition=member_definition)
         messages.append(devices_mod.StartMessage(job.worker, member.id, member_definition,
                                                  trimmed, dispatcher, env, env_dut))
     return messages
 
 
-def _with_roles(text, roles):
+def _with_roles(text, roles, where=None):
+    """The definition with the group's roles map and, for lavacore-run, where the
+    coordinator listens (its port, and its host when ``[coordinator] advertise`` says)."""
     data = devices_mod.yaml_load(text) or {}
     block = _multinode(data)
     if block is None:
         return text
     block["roles"] = dict(roles)
+    if where is not None:
+        block["coordinator"] = dict(where)
+    else:
+        block.pop("coordinator", None)
     return devices_mod.yaml_dump(data)
 
 
@@ -293,7 +332,12 @@ def on_cancel(master, flow, job):
 
 @hookimpl
 def on_job_state(master, flow, job, old_state):
-    if not job.target_group or job.state != JobState.FINISHED:
+    if not job.target_group:
+        return
+    service = coordinator(master)
+    if service is not None:
+        service.job_changed(job)
+    if job.state != JobState.FINISHED:
         return
     if job.health != JobHealth.INCOMPLETE:
         return

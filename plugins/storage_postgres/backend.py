@@ -30,7 +30,7 @@ import psycopg2.extensions
 import psycopg2.extras
 
 from lavacore.storage import (DDL, DEVICES, JOBS, SCHEMA_VERSION, NotFound, SQLStorage,
-                              StorageError)
+                              StorageError, upgrade_statements)
 
 from . import green
 from .leader import Leadership
@@ -46,7 +46,7 @@ IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,40}$")  # no quoting needed anywher
 TYPES = {"REAL": "DOUBLE PRECISION", "BIGINT": "BIGINT", "SERIAL": "BIGSERIAL PRIMARY KEY"}
 
 # Tables with a SERIAL id, whose sequence must follow ids copied in (dbtools.db_copy).
-SERIAL_TABLES = ("jobs", "testcases", "tokens", "history")
+SERIAL_TABLES = ("jobs", "testcases", "tokens", "history", "audit")
 
 
 def _key(text):
@@ -393,7 +393,7 @@ class PostgresStorage(SQLStorage):
                                    % (self.where, old, SCHEMA_VERSION))
             if old == SCHEMA_VERSION:
                 return old, old
-            for statement in DDL:
+            for statement in DDL + upgrade_statements(old):
                 self._execute(statement.format(**TYPES))
             self._execute("DELETE FROM schema_version")
             self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -416,7 +416,7 @@ class PostgresStorage(SQLStorage):
 
     # -- batched writes -----------------------------------------------------------------
 
-    def insert_jobs(self, jobs):
+    def _insert_job_rows(self, jobs):
         """One multi-row INSERT ... RETURNING id; ids come back in the order of ``jobs``."""
         if not jobs:
             return []

@@ -19,7 +19,8 @@ import struct
 
 from lavacore import safeyaml
 from lavacore.hookspecs import hookimpl
-from lavacore.storage import DDL, SCHEMA_VERSION, SQLStorage, StorageError
+from lavacore.storage import (DDL, SCHEMA_VERSION, SQLStorage, StorageError,
+                              upgrade_statements)
 
 log = logging.getLogger("lavacore.storage")
 
@@ -94,10 +95,10 @@ class SQLiteStorage(SQLStorage):
                                % (self.path, old, SCHEMA_VERSION))
         if old == SCHEMA_VERSION:
             return old, old
+        types = dict(REAL="REAL", BIGINT="INTEGER", SERIAL="INTEGER PRIMARY KEY AUTOINCREMENT")
         with self.transaction() as conn:
-            for statement in DDL:
-                conn.execute(statement.format(REAL="REAL", BIGINT="INTEGER",
-                                              SERIAL="INTEGER PRIMARY KEY AUTOINCREMENT"))
+            for statement in DDL + upgrade_statements(old):
+                conn.execute(statement.format(**types))
             conn.execute("DELETE FROM schema_version")
             conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
         return old, SCHEMA_VERSION
@@ -147,7 +148,6 @@ class _DatagramListener:
             if exc.errno == errno.EADDRINUSE:
                 raise StorageError("another master already runs on %s" % path) from None
             raise
-        self._trusted = {0, os.getuid()}
         self._refused = 0
 
     def wait(self, timeout=None):
@@ -165,7 +165,7 @@ class _DatagramListener:
             except BlockingIOError:
                 return result
             uid = _sender_uid(ancillary)
-            if uid not in self._trusted:
+            if uid not in (0, os.getuid()):  # (the master may have dropped root since)
                 self._refused += 1
                 if self._refused in (1, 10, 100, 1000) or self._refused % 10000 == 0:
                     log.warning("dropped a notification from uid %s, not this master's user"
