@@ -465,21 +465,25 @@ def lab_dir():
     assert os.geteuid() == 0, "the tests run as root (.ci/run)"
     path = tempfile.mkdtemp(prefix="lavacore-droptest-", dir="/tmp")
     os.chmod(path, 0o755)
-    # The master goes on importing after it dropped root: the interpreter's directories
-    # must be reachable by that user. On the CI machines Python lives under /root (0700):
-    # let others through it for the test's while.
+    # The master goes on importing after it dropped root, and the job's runner imports
+    # lavacore as that user: the interpreter's directories and this checkout must be
+    # reachable by it. On the CI machines Python lives under /root and the checkout may be
+    # in a mktemp -d directory (both 0700): let others through them for the test's while.
+    import lavacore
+
     opened = []
-    directory = os.path.dirname(os.path.realpath(sys.executable))
-    while directory != "/":
-        mode = os.stat(directory).st_mode
-        if not mode & stat.S_IXOTH:
-            os.chmod(directory, mode | stat.S_IXOTH)
-            opened.append((directory, mode))
-        directory = os.path.dirname(directory)
+    for start in (os.path.realpath(sys.executable), os.path.realpath(lavacore.__file__)):
+        directory = os.path.dirname(start)
+        while directory != "/":
+            mode = os.stat(directory).st_mode
+            if not mode & stat.S_IXOTH:
+                os.chmod(directory, mode | stat.S_IXOTH)
+                opened.append((directory, mode))
+            directory = os.path.dirname(directory)
     try:
         yield pathlib.Path(path)
     finally:
-        for directory, mode in opened:
+        for directory, mode in reversed(opened):
             os.chmod(directory, stat.S_IMODE(mode))
         shutil.rmtree(path, ignore_errors=True)
 
