@@ -12,6 +12,7 @@ PLUGINS = [
     "storage_postgres",
     "multinode",
     "auth_curve",
+    "metrics",
 ]
 
 setup(
@@ -23,6 +24,8 @@ setup(
     + ["lavacore_plugins"]
     + ["lavacore_plugins." + name for name in find_packages("plugins")],
     package_dir={"lavacore_plugins": "plugins"},
+    # The web pages' templates and static files.
+    package_data={"lavacore.web": ["templates/*.html", "static/*"]},
     install_requires=[
         "gevent>=23.9",
         "pyzmq>=25",
@@ -31,12 +34,16 @@ setup(
         "jinja2>=3.1",
         # LAVA's job schema library (lavacore/jobschema.py).
         "voluptuous>=0.13",
+        # /metrics (lavacore/metrics.py): registry, exposition formats, process collectors.
+        "prometheus_client>=0.17",
     ],
     extras_require={
         # The PostgreSQL storage plugin; psycopg2 is built from source (libpq-dev).
         "postgres": ["psycopg2>=2.9"],
         "test": ["psycopg2>=2.9", "pytest>=7", "pytest-timeout", "hypothesis",
-                 "lavacli==3.1.0", "wheel"],
+                 "lavacli==3.1.0", "wheel",
+                 # The web pages' tests drive Debian's chromium (chromium-driver).
+                 "selenium>=4.20"],
     },
     entry_points={
         "console_scripts": [

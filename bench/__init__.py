@@ -8,7 +8,7 @@ tests/test_bench_smoke.py runs each one at its tiny size so they keep working.
 import importlib
 
 SCENARIO_MODULES = ("control_plane", "latency", "schedule_pass", "throughput", "log_ingest",
-                    "scale", "restart", "fuzz")
+                    "scale", "restart", "fuzz", "web", "metrics")
 
 
 def scenarios():

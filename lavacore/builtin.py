@@ -17,10 +17,14 @@ def device_config(master, device, context):
 def start_job(master, job, device):
     definition = devices.yaml_load(job.definition) or {}
     context = definition.get("context") or {}
-    config = master.hook.device_config(master=master, device=device, context=context)
-    dispatcher, env, env_dut = devices.worker_files(master.config, job.worker, master.storage)
-    return [devices.StartMessage(job.worker, job.id, job.definition,
-                                 devices.yaml_dump(config), dispatcher, env, env_dut)]
+    if len(master.hook.device_config.get_hookimpls()) == 1:  # only device_config above
+        config = master.templates.render_text(device.hostname, context)
+    else:
+        config = devices.yaml_dump(master.hook.device_config(
+            master=master, device=device, context=context))
+    dispatcher, env, env_dut = master.templates.worker_files(master.config, job.worker)
+    return [devices.StartMessage(job.worker, job.id, job.definition, config, dispatcher,
+                                 env, env_dut)]
 
 
 @hookimpl(trylast=True)

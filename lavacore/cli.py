@@ -1,5 +1,5 @@
-"""The command line (contracts.md). ``main(argv) -> int``; thin over the same storage,
-Flow and submission code the master and the API use.
+"""The command line (README, "Command line"). ``main(argv) -> int``; thin over the same
+storage, Flow and submission code the master and the API use.
 
 Exit status 0 on success, 1 on a user error with one line on stderr, never a traceback.
 Changes made here are announced to a running master over the storage's notification
@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from . import __version__, cliaccounts
+from . import __version__, cliaccounts, present
 
 class UserError(Exception):
     """A one-line error for the person at the terminal."""
@@ -34,7 +34,8 @@ class Session:
         self.pm.hook.configure(config=self.config, master=None)
         self.storage = open_storage(self.config, self.pm)
         self.clock = Clock()
-        self.flow = Flow(self.storage, self.clock, self.publish, self.pm.hook, None)
+        self.flow = Flow(self.storage, self.clock, self.publish, self.pm.hook, None,
+                         announce=self.announce)
         # The command line has the database: it sees everything, unless --as asks for
         # what a user sees.
         principal = permissions.SYSTEM if as_user is None else \
@@ -44,8 +45,32 @@ class Session:
     def publish(self, kind, data, username=None):
         self.storage.publish_event({"kind": kind, "data": data, "username": username})
 
+    def announce(self, line):
+        """A change made here, in the running master's log (lavacore/flow.py)."""
+        self.storage.publish_event({"kind": "log", "username": None, "data": {
+            "line": line, "source": "command line, %s" % invoking_user()}})
+
     def close(self):
         self.storage.close()
+
+
+def invoking_user():
+    """Who runs this command: $USER, else the name of this uid in the password database,
+    else "uid N". Never empty: an empty submitter would pass for the system's own."""
+    name = os.environ.get("USER", "").strip()
+    if name:
+        return name
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return "uid %d" % os.getuid()
+
+
+def _check_user(args):
+    if not str(args.user).strip():
+        raise UserError("--user: must not be empty")
 
 
 def _print_json(data):
@@ -53,24 +78,47 @@ def _print_json(data):
 
 
 def _table(rows, columns):
-    if not rows:
-        return
-    widths = [max(len(str(c)), *(len(str(r.get(c, "") or "")) for r in rows)) for c in columns]
-    print("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
-    for row in rows:
-        print("  ".join(str(row.get(c, "") if row.get(c) is not None else "-").ljust(w)
-                        for c, w in zip(columns, widths)).rstrip())
+    print(present.table(rows, columns), end="")
 
 
 # -- commands ---------------------------------------------------------------------------
 
 def cmd_master(args):
     from . import config as config_mod
+    from . import logsetup
     from .master import Master
 
-    _setup_logging(args.log_level)
     config = config_mod.load(args.config)
+    logsetup.apply(config, args.log_file, args.log_level)
     return Master(config).run()
+
+
+def cmd_config(args):
+    """The configuration the master would run with, or the error it would stop with."""
+    from . import config as config_mod
+    from . import plugins, privileges
+
+    config = config_mod.load(args.config)
+    if config.master.user:
+        # Who runs this command does not matter: the master starts as root to drop.
+        privileges.identity(config.master.user, config.master.group)
+    warnings = config_mod.check_files(config)
+    pm = plugins.build(config)
+    data = config_mod.effective(config, plugins.plugin_tables(pm, config))
+    ignored = ["[%s]: plugin %s is disabled ([plugins] disable): this table is ignored"
+               % item for item in sorted(pm.lavacore_ignored_tables.items())]
+    for line in warnings + ignored:
+        print("lavacore: warning: %s" % line, file=sys.stderr)
+    if args.json:
+        _print_json(data)
+        return 0
+    scheduler = plugins.scheduler_in_use(pm, config)
+    comments = ["The configuration of %s as the master runs it:" % os.path.abspath(
+        config.path), "defaults filled in, paths made absolute, secrets masked.",
+        "Scheduler in use: %s." % (plugins._short(scheduler) if scheduler else "none")]
+    comments += ["warning: %s" % line for line in warnings + ignored]
+    sys.stdout.write(config_mod.to_toml(data, comments))
+    return 0
 
 
 def cmd_submit(args, session):
@@ -79,6 +127,7 @@ def cmd_submit(args, session):
     from .jobs import JobError, prepare, submit
 
     path = args.definition
+    _check_user(args)
     if args.strict and not args.dry_run:
         raise UserError("--strict: only with --dry-run (a submission is checked as LAVA"
                         " checks it)")
@@ -92,11 +141,11 @@ def cmd_submit(args, session):
         raise UserError("%s: cannot read: %s" % (path, exc.strerror)) from None
     try:
         if args.dry_run:
-            jobs = prepare(session.storage, session.pm.hook, None, text, args.user or "",
+            jobs = prepare(session.storage, session.pm.hook, None, text, args.user,
                            session.clock.time(), config=session.config,
                            strict=args.strict)
         else:
-            jobs = submit(session.storage, session.pm.hook, None, text, args.user or "",
+            jobs = submit(session.storage, session.pm.hook, None, text, args.user,
                           session.clock.time(), config=session.config)
     except JobError as exc:
         raise UserError("%s: %s" % (path, exc)) from None
@@ -138,36 +187,13 @@ def _job_id(text):
     return value
 
 
-def job_details(session, job):
-    data = job.to_dict()
-    counts = session.storage.testcase_counts(job.id)
-    data["results"] = {key: counts.get(key, 0) for key in ("pass", "fail", "skip", "unknown")}
-    for key, value in counts.items():
-        data["results"].setdefault(key, value)
-    if job.target_group:
-        data["group"] = [{"id": j.id, "sub_id": j.sub_id, "state": j.state.display,
-                          "health": j.health.display, "device": j.actual_device}
-                         for j in session.storage.list_jobs(target_group=job.target_group)]
-    return data
-
-
 def cmd_jobs_show(args, session):
     job = _job(session, args.id)
-    data = job_details(session, job)
+    data = present.job_details(session.storage, job)
     if args.json:
         _print_json(data)
-        return 0
-    for key in ("id", "description", "submitter", "state", "health", "device_type", "device",
-                "worker", "priority", "tags", "submit_time", "start_time", "end_time",
-                "failure_comment"):
-        value = data.get(key)
-        print("%-16s %s" % (key + ":", "-" if value in (None, [], "") else value))
-    results = ", ".join("%s %d" % (k, v) for k, v in data["results"].items())
-    print("%-16s %s" % ("results:", results))
-    for member in data.get("group", ()):
-        print("%-16s %s %s %s/%s on %s" % ("group:", member["id"], member["sub_id"],
-                                           member["state"], member["health"],
-                                           member["device"] or "-"))
+    else:
+        print(present.job_text(data), end="")
     return 0
 
 
@@ -186,16 +212,16 @@ def cmd_jobs_list(args, session):
     if args.json:
         _print_json(rows)
     else:
-        _table(rows, ["id", "state", "health", "device_type", "device", "submitter",
-                      "description"])
+        _table(rows, present.JOB_COLUMNS)
     return 0
 
 
 def cmd_jobs_cancel(args, session):
+    _check_user(args)
     job = _job(session, args.id)
     if not session.policy.can_cancel_job(job):
         raise UserError("job %s: you may not cancel it" % args.id)
-    canceled = session.flow.cancel(job.id, username=args.user or "")
+    canceled = session.flow.cancel(job.id, username=args.user)
     if canceled is None:
         job = session.storage.get_job(job.id)
         print("job %d is already %s" % (job.id, job.state.display), file=sys.stderr)
@@ -204,17 +230,46 @@ def cmd_jobs_cancel(args, session):
     return 0
 
 
-def _format_line(line):
-    from .logformat import parse_line
 
-    try:
-        data = parse_line(line)
-    except ValueError:
-        return line
-    msg = data.get("msg")
-    if isinstance(msg, dict):
-        msg = json.dumps(msg)
-    return "%s %-8s %s" % (str(data.get("dt", ""))[:19], data.get("lvl", ""), msg)
+
+def _waiting(session, job):
+    """Why a job that has not started waits, in one line."""
+    from .states import SCHEDULABLE_HEALTH, JobState, WorkerState
+
+    if job.state == JobState.SCHEDULED:
+        return "scheduled on %s (worker %s): waiting for the worker to start it" % (
+            job.actual_device or "-", job.worker or "-")
+    if job.state == JobState.SCHEDULING:
+        return "waiting for the other jobs of its MultiNode group to be scheduled"
+    if not job.requested_device_type:
+        return "waiting to be scheduled"
+    kind = job.requested_device_type
+    devices = session.storage.list_devices(device_type=kind)
+    if not devices:
+        return "waiting for a device of type %s: there is none" % kind
+    online = {w.hostname for w in session.storage.list_workers()
+              if w.state == WorkerState.ONLINE}
+    tags = set(job.tags or ())
+    fitting = [d for d in devices if tags <= set(d.tags)]
+    usable = [d for d in fitting if d.health in SCHEDULABLE_HEALTH and d.worker in online]
+    idle = [d for d in usable if d.state.display == "Idle"]
+    what = "a device of type %s%s" % (kind, " with tags %s" % ", ".join(sorted(tags))
+                                      if tags else "")
+    if not fitting:
+        return "waiting for %s: none of the %d device(s) of the type has those tags" % (
+            what, len(devices))
+    if not usable:
+        return "waiting for %s: none of the %d is Good or Unknown on an Online worker" % (
+            what, len(fitting))
+    if not idle:
+        return "waiting for %s: all %d usable one(s) are busy" % (what, len(usable))
+    return "waiting for %s: %d idle, the next scheduling pass takes it" % (what, len(idle))
+
+
+def _ended(job):
+    reason = " (%s)" % " ".join(job.failure_comment.split())[:500] \
+        if job.failure_comment and job.health.display != "Complete" else ""
+    return "job %d: %s, %s%s" % (job.id, job.state.display, job.health.display, reason)
 
 
 def cmd_jobs_logs(args, session):
@@ -227,7 +282,11 @@ def cmd_jobs_logs(args, session):
     pending = ""
     inode = None
     printed = skip = 0
+    said = last_state = None  # the last "waiting" line printed, the state it was for
+    loops = 0
     while True:
+        # The state before the file: a Finished job's lines are all in it already.
+        job = session.storage.get_job(job.id)
         try:
             with open(path, encoding="utf-8", errors="replace") as handle:
                 now = os.fstat(handle.fileno()).st_ino
@@ -252,14 +311,24 @@ def cmd_jobs_logs(args, session):
             printed += 1
             if line.startswith("- "):
                 line = line[2:]
-            print(line if args.raw else _format_line(line), flush=True)
-        if not args.follow:
-            break
-        state = session.storage.get_job(job.id).state
-        if state == JobState.FINISHED and not chunk:
-            job = session.storage.get_job(job.id)
-            print("job %d: %s, %s" % (job.id, job.state.display, job.health.display),
-                  file=sys.stderr)
+            print(line if args.raw else present.log_line_text(line), flush=True)
+        if printed == 0 and job.state < JobState.RUNNING and (
+                loops % 25 == 0 or job.state != last_state):
+            # Nothing to show yet: say why, again when that changes (on stderr, so that
+            # stdout is the log alone).
+            line = "job %d: %s, no log yet: %s" % (job.id, job.state.display,
+                                                   _waiting(session, job))
+            if line != said:
+                print(line, file=sys.stderr, flush=True)
+                said = line
+        last_state = job.state
+        loops += 1
+        finished = job.state == JobState.FINISHED
+        if not args.follow or finished:
+            if finished and printed == 0:
+                print("%s; it has no log" % _ended(job), file=sys.stderr)
+            elif finished and args.follow:
+                print(_ended(job), file=sys.stderr)
             break
         time.sleep(args.interval)
     return 0
@@ -269,15 +338,9 @@ def cmd_jobs_results(args, session):
     job = _job(session, args.id)
     cases = session.storage.list_testcases(job.id)
     if args.json:
-        suites = {}
-        for case in cases:
-            suites.setdefault(case.suite, []).append(case.to_dict())
-        _print_json({"job": job.id, "suites": [{"name": name, "tests": tests}
-                                               for name, tests in suites.items()]})
-        return 0
-    rows = [{"suite": c.suite, "case": c.name, "result": c.result,
-             "measurement": c.measurement, "units": c.units} for c in cases]
-    _table(rows, ["suite", "case", "result", "measurement", "units"])
+        _print_json(present.results_details(job, cases))
+    else:
+        print(present.results_table(cases), end="")
     return 0
 
 
@@ -287,7 +350,7 @@ def cmd_devices_list(args, session):
     if args.json:
         _print_json(rows)
     else:
-        _table(rows, ["hostname", "device_type", "worker", "state", "health", "current_job"])
+        _table(rows, present.DEVICE_COLUMNS)
     return 0
 
 
@@ -321,20 +384,11 @@ def _parse(enum, text, option):
 
 def cmd_devices_show(args, session):
     device = _device(session, args.hostname)
-    data = device.to_dict()
-    data["history"] = [dict(h, time=_iso(h["time"]))
-                       for h in session.storage.list_history("device", device.hostname)]
+    data = present.device_details(session.storage, device)
     if args.json:
         _print_json(data)
-        return 0
-    for key in ("hostname", "device_type", "worker", "state", "health", "tags",
-                "current_job", "last_health_report_job"):
-        value = data.get(key)
-        print("%-24s %s" % (key + ":", "-" if value in (None, [], "") else value))
-    for entry in data["history"]:
-        print("%-24s %s %s -> %s by %s: %s" % ("history:", entry["time"], entry["old"],
-                                                entry["new"], entry["user"] or "-",
-                                                entry["reason"] or "-"))
+    else:
+        print(present.device_text(data), end="")
     return 0
 
 
@@ -342,6 +396,7 @@ def cmd_devices_set_health(args, session):
     from . import health
     from .states import DeviceHealth
 
+    _check_user(args)
     _device(session, args.hostname)
     new = _parse(DeviceHealth, args.health, "health")
     device = health.set_device_health(session, args.hostname, new, args.user, args.reason)
@@ -352,6 +407,7 @@ def cmd_devices_set_health(args, session):
 def cmd_workers_set_health(args, session):
     from .states import WorkerHealth
 
+    _check_user(args)
     _worker(session, args.hostname)
     new = _parse(WorkerHealth, args.health, "health")
     worker = session.flow.set_worker_health(args.hostname, new, args.user, args.reason)
@@ -361,30 +417,64 @@ def cmd_workers_set_health(args, session):
 
 def cmd_workers_show(args, session):
     worker = _worker(session, args.hostname)
-    data = worker.to_dict()
-    data["devices"] = [d.hostname for d in session.storage.list_devices(worker=worker.hostname)]
-    data["history"] = [dict(h, time=_iso(h["time"]))
-                       for h in session.storage.list_history("worker", worker.hostname)]
+    data = worker_rows(session, [worker], text=not args.json)[0]
+    details = present.worker_details(session.storage, worker, session.policy)
+    data["devices"], data["history"] = details["devices"], details["history"]
     if args.json:
         _print_json(data)
     else:
-        for key, value in data.items():
-            print("%-16s %s" % (key + ":", value))
+        print(present.worker_text(data), end="")
     return 0
 
 
-def _iso(epoch):
-    from .models import iso
+def _master_running(session):
+    """Does a master run on this database? True or False where the storage can tell (a
+    datagram to SQLite's notification socket is refused when no master holds it), None
+    where it cannot (PostgreSQL: a NOTIFY goes out whether anyone listens or not)."""
+    if session.storage.name != "sqlite":
+        return None
+    return bool(session.storage.publish_event({"kind": "ping", "data": {},
+                                               "username": None}))
 
-    return iso(epoch)
+
+# A running master writes an Online worker's last_ping every few seconds and marks it
+# Offline after [master] worker_timeout of silence; past this much more, no master does.
+STALE_MARGIN = 30.0
+
+
+def worker_rows(session, workers, text=True):
+    """The workers as dicts; an Online worker no master keeps Online is "stale" (the
+    master was killed, or is stuck): its state says so in ``text`` form."""
+    running = None
+    now = time.time()
+    limit = session.config.master.worker_timeout + STALE_MARGIN
+    rows = []
+    for worker in workers:
+        row = worker.to_dict()
+        row["stale"] = False
+        if worker.state.display == "Online":
+            if running is None:
+                running = _master_running(session)
+                running = "unknown" if running is None else running
+            silent = now - worker.last_ping if worker.last_ping is not None else None
+            if running is False:
+                row["stale"] = True
+                note = "master not running"
+            elif silent is not None and silent > limit:
+                row["stale"] = True
+                note = "no ping recorded for %d s: is the master running?" % silent
+            if row["stale"] and text:
+                row["state"] = "Online (%s)" % note
+        rows.append(row)
+    return rows
 
 
 def cmd_workers_list(args, session):
-    rows = [w.to_dict() for w in session.storage.list_workers()]
+    rows = worker_rows(session, session.storage.list_workers(), text=not args.json)
     if args.json:
         _print_json(rows)
     else:
-        _table(rows, ["hostname", "state", "health", "last_ping"])
+        _table(rows, present.WORKER_COLUMNS)
     return 0
 
 
@@ -468,19 +558,29 @@ def build_parser():
         prog="lavacore", description="LAVA protocol v3 test-job dispatcher")
     parser.add_argument("-c", "--config", default="config.toml",
                         help="config file (default: ./config.toml)")
-    parser.add_argument("--log-level", default="INFO",
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default=None, type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="the master's log level (default: [logging] level, INFO)")
+    parser.add_argument("--log-file", default=None, metavar="PATH",
+                        help="the master's log file (default: [logging] file, stderr)")
     parser.add_argument("--version", action="version", version="lavacore " + __version__)
     parser.add_argument("--as", dest="as_user", metavar="USER",
                         help="show jobs and devices as USER may see them (the command line"
                              " sees everything by default)")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("master", help="run the master (the default command)")
+    p = sub.add_parser("worker", add_help=False, prefix_chars="\0",
+                       help="run a protocol v3 worker (lavacore worker --help)")
+    p.add_argument("worker_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("config", help="print the effective configuration (defaults filled"
+                                      " in, paths resolved, secrets masked)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_config, standalone=True)
 
     p = sub.add_parser("submit", help="submit a job definition; prints job ids")
     p.add_argument("definition", help="YAML job definition file, or - for stdin")
-    p.add_argument("--user", default=os.environ.get("USER", ""),
-                   help="submitter name (default: $USER)")
+    p.add_argument("--user", default=invoking_user(),
+                   help="submitter name (default: $USER, or this uid's login name)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the job as a submission is checked, queue nothing; prints"
                         " the jobs it would queue")
@@ -501,7 +601,7 @@ def build_parser():
     p.set_defaults(func=cmd_jobs_list)
     p = jsub.add_parser("cancel")
     p.add_argument("id")
-    p.add_argument("--user", default=os.environ.get("USER", ""))
+    p.add_argument("--user", default=invoking_user())
     p.set_defaults(func=cmd_jobs_cancel)
     p = jsub.add_parser("logs")
     p.add_argument("id")
@@ -568,7 +668,7 @@ def _list_show_health(sub, list_func, show_func, health_func, healths):
     p.add_argument("hostname")
     p.add_argument("health")
     p.add_argument("--reason", default="")
-    p.add_argument("--user", default=os.environ.get("USER", ""))
+    p.add_argument("--user", default=invoking_user())
     p.set_defaults(func=health_func)
 
 
@@ -591,6 +691,10 @@ def main(argv=None):
 
     errors = (UserError, ConfigError, JobError, StorageError, cliaccounts.CommandError)
     try:
+        if args.command == "worker":
+            from .worker.cli import main as worker_main
+
+            return worker_main(args.worker_args)
         if args.command in (None, "master"):
             return cmd_master(args)
         _setup_logging("WARNING")

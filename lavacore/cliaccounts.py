@@ -4,7 +4,6 @@ system (the command line has the database), with the local user named in the aud
 
 import datetime
 import json
-import os
 
 from .api import accounts
 from .api.auth import LocalCaller
@@ -19,8 +18,9 @@ class CommandError(Exception):
 
 
 def _caller(session):
-    return LocalCaller(session.storage, session.clock,
-                       "cli:%s" % (os.environ.get("USER") or os.getuid()))
+    from .cli import invoking_user  # (cli imports this module)
+
+    return LocalCaller(session.storage, session.clock, "cli:%s" % invoking_user())
 
 
 def _run(fn, *args, **kwargs):

@@ -1,15 +1,18 @@
 """Device configuration: jinja2 device dictionaries extending device-type templates
-(spec section 8), and the per-worker dispatcher, env and env-dut files (spec 5.1).
+(LAVA's layout), and the per-worker dispatcher, env and env-dut files.
 
 Unlike LAVA, a broken template is never turned into ``None`` and sent as a YAML ``null``
-device (quirk 6): it raises :class:`JobSetupError`, which fails only that job.
+device: it raises :class:`JobSetupError`, which fails only that job.
 """
 
+import collections
 import dataclasses
+import json
 import os
 import re
 import signal
 import threading
+import time
 
 import gevent
 import jinja2
@@ -66,6 +69,15 @@ MAX_OUTPUT = 4 * 1024 * 1024      # characters a rendering may produce
 MAX_REPEAT = 1024 * 1024          # length of a string or list made with "*"
 MAX_POWER = 4096                  # bits of a number made with "**"
 RENDER_SECONDS = 2.0              # CPU a rendering may take before it is stopped
+# Rendered device configurations kept, per (device, job context): at most this many, of
+# at most this many characters in all; a context larger than MAX_CACHED_CONTEXT (as JSON)
+# is rendered each time.
+CACHED_RENDERINGS = 10000
+CACHED_CHARACTERS = 64 * 1024 * 1024
+MAX_CACHED_CONTEXT = 4096
+# A template or worker file edited on disk is seen within this many seconds (its mtime is
+# looked at no more often).
+STAT_TTL = 1.0
 
 
 class RenderTimeout(Exception):
@@ -96,18 +108,67 @@ class Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
+class _RecordingSandbox(Sandbox):
+    """The sandbox, noting the name of every template a rendering loads (extends,
+    include, import), so that a cached rendering knows what it depends on."""
+
+    loaded = None
+
+    def _load_template(self, name, globals):
+        if self.loaded is not None and isinstance(name, str):
+            self.loaded.add(name)
+        return super()._load_template(name, globals)
+
+
 class DeviceTemplates:
     """Renders device dictionaries. Dictionaries and type templates set through the API
     (kept in the database) win over the files under ``dispatcher_config``.
 
     Anyone allowed to set a dictionary writes template code that the master runs: it
     runs in a sandbox (:class:`Sandbox`), template names cannot leave the two template
-    directories, and a rendering is bounded in size and CPU time."""
+    directories, and a rendering is bounded in size and CPU time.
 
-    def __init__(self, dispatcher_config, storage=None):
+    What START needs is cached: compiled templates, the rendered configuration per
+    (device, job context) and each worker's files. A cached value is used while the
+    template files it came from keep their mtime (looked at every STAT_TTL seconds at
+    most) and until :meth:`reload`, which the master calls on SIGHUP and whenever a
+    dictionary, template or worker file is changed through the API, by this process or
+    another (the storage's notification channel)."""
+
+    def __init__(self, dispatcher_config, storage=None, clock=time.monotonic):
         self.root = dispatcher_config
         self.storage = storage
+        self.clock = clock
         self._env = None
+        self._stats = {}                          # path -> (looked at, mtime_ns or None)
+        self._rendered = collections.OrderedDict()  # (hostname, context) -> (text, deps)
+        self._rendered_chars = 0
+        self._worker_files = {}                   # worker -> (texts, deps)
+
+    def _mtime(self, path):
+        """The mtime of ``path`` (None if absent), as seen at most STAT_TTL ago."""
+        now = self.clock()
+        seen = self._stats.get(path)
+        if seen is not None and now - seen[0] < STAT_TTL:
+            return seen[1]
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            mtime = None
+        if len(self._stats) > 4 * CACHED_RENDERINGS:
+            self._stats.clear()
+        self._stats[path] = (now, mtime)
+        return mtime
+
+    def _fresh(self, deps):
+        return all(self._mtime(path) == mtime for path, mtime in deps)
+
+    def _template_paths(self, name):
+        """The files where template ``name`` may come from, in the order looked at."""
+        if not _TEMPLATE_NAME.match(name) or ".." in name:
+            return []
+        return [os.path.join(self.root, directory, name)
+                for directory in ("devices", "device-types")]
 
     def _source(self, name):
         if not _TEMPLATE_NAME.match(name) or ".." in name:
@@ -115,38 +176,49 @@ class DeviceTemplates:
         kind, _, base = None, None, name
         if name.endswith(".jinja2"):
             base = name[: -len(".jinja2")]
+        absent = []  # files looked at before: the template is stale once one appears
         for kind, directory in (("device", "devices"), ("device-type", "device-types")):
             if self.storage is not None:
                 text = self.storage.get_blob(kind, base)
                 if text is not None:
-                    return _bounded(text, name), None, lambda: False
+                    # Kept in the database: changed only through the API, which calls
+                    # reload() (in this process, or through the notification channel).
+                    return _bounded(text, name), None, \
+                        lambda a=tuple(absent): self._fresh(a)
             path = os.path.join(self.root, directory, name)
             try:
                 with open(path, encoding="utf-8") as handle:
                     text = handle.read(MAX_TEMPLATE + 1)
             except FileNotFoundError:
+                absent.append((path, None))
                 continue
             except (OSError, UnicodeDecodeError) as exc:
                 raise JobSetupError("cannot read %s: %s" % (path, getattr(exc, "strerror",
                                                                            None) or exc)) \
                     from None
-            mtime = os.path.getmtime(path)
-            return _bounded(text, name), path, lambda p=path, m=mtime: \
-                os.path.exists(p) and os.path.getmtime(p) == m
+            mtime = os.stat(path).st_mtime_ns
+            self._stats[path] = (self.clock(), mtime)
+            deps = tuple(absent) + ((path, mtime),)
+            return _bounded(text, name), path, lambda d=deps: self._fresh(d)
         return None
 
     def environment(self):
         if self._env is None:
             # cache_size=-1: a lab has more devices than jinja2's default 400 templates,
             # and recompiling a dictionary at every START costs more than keeping it.
-            self._env = Sandbox(loader=jinja2.FunctionLoader(self._source),
-                                trim_blocks=True, autoescape=False,
-                                undefined=jinja2.Undefined, cache_size=-1)
+            self._env = _RecordingSandbox(loader=jinja2.FunctionLoader(self._source),
+                                          trim_blocks=True, autoescape=False,
+                                          undefined=jinja2.Undefined, cache_size=-1)
         return self._env
 
     def reload(self):
-        """Forget cached templates (SIGHUP, or a dictionary set through the API)."""
+        """Forget cached templates, renderings and worker files (SIGHUP, or a dictionary,
+        template or worker file set through the API)."""
         self._env = None
+        self._stats.clear()
+        self._rendered.clear()
+        self._rendered_chars = 0
+        self._worker_files.clear()
 
     def check_syntax(self, text):
         """Raise jinja2.TemplateSyntaxError (with its line) if ``text`` does not parse."""
@@ -174,8 +246,59 @@ class DeviceTemplates:
                 return str(node.template.value).rsplit(".jinja2", 1)[0]
         return None
 
+    def render_text(self, hostname, context=None):
+        """The device configuration of ``hostname`` for a job ``context``, as the YAML
+        text START sends; from the cache when nothing it came from changed."""
+        context = context or {}
+        try:
+            key = (hostname, json.dumps(context, sort_keys=True, separators=(",", ":"),
+                                        default=repr))
+        except (TypeError, ValueError, RecursionError):
+            key = None
+        if key is not None and len(key[1]) > MAX_CACHED_CONTEXT:
+            key = None
+        if key is not None:
+            found = self._rendered.get(key)
+            if found is not None and self._fresh(found[1]):
+                self._rendered.move_to_end(key)
+                return found[0]
+        env = self.environment()
+        env.loaded = loaded = set()
+        try:
+            text = yaml_dump(self.render(hostname, context))
+        finally:
+            env.loaded = None
+        if key is not None:
+            # What it came from: the template files (a template kept in the database
+            # changes only through the API, which calls reload()).
+            deps = tuple((path, self._mtime(path)) for name in sorted(loaded)
+                         for path in self._template_paths(name))
+            old = self._rendered.pop(key, None)
+            if old is not None:
+                self._rendered_chars -= len(old[0])
+            self._rendered[key] = (text, deps)
+            self._rendered_chars += len(text)
+            while self._rendered and (len(self._rendered) > CACHED_RENDERINGS or
+                                      self._rendered_chars > CACHED_CHARACTERS):
+                _, (dropped, _) = self._rendered.popitem(last=False)
+                self._rendered_chars -= len(dropped)
+        return text
+
+    def worker_files(self, config, worker):
+        """:func:`worker_files` of ``worker``, cached while its files keep their mtime."""
+        found = self._worker_files.get(worker)
+        if found is not None and self._fresh(found[1]):
+            return found[0]
+        paths = worker_file_paths(config, worker)
+        texts = worker_files(config, worker, self.storage)
+        deps = tuple((path, self._mtime(path)) for group in paths for path in group)
+        if len(self._worker_files) >= CACHED_RENDERINGS:
+            self._worker_files.clear()
+        self._worker_files[worker] = (texts, deps)
+        return texts
+
     def render(self, hostname, context=None):
-        """The device configuration of ``hostname`` as YAML text, for a job ``context``."""
+        """The device configuration of ``hostname`` (a dict), for a job ``context``."""
         where = "device dictionary %s.jinja2" % hostname
         try:
             template = self.environment().get_template(hostname + ".jinja2")
@@ -276,22 +399,30 @@ def load_optional_yaml(paths, what):
     return ""
 
 
+WORKER_FILES = (("worker-config", "dispatcher.yaml"), ("worker-env", "env.yaml"),
+                ("worker-env-dut", "env.dut.yaml"))
+
+
+def worker_file_paths(config, worker):
+    """The files looked at for ``worker``'s dispatcher, env and env-dut, in order."""
+    root = config.resolve(config.master.dispatchers)
+    fallbacks = (os.path.join(root, "%s.yaml" % worker), config.resolve(config.master.env),
+                 config.resolve(config.master.env_dut))
+    return [[os.path.join(root, worker, name), fallback]
+            for (_, name), fallback in zip(WORKER_FILES, fallbacks)]
+
+
 def worker_files(config, worker, storage=None):
     """(dispatcher, env, env_dut) texts for ``worker``: per-worker files, then fallbacks
-    (spec 5.1). Values set through the API (kept in the database) come first."""
-    root = config.resolve(config.master.dispatchers)
+    (LAVA's order). Values set through the API (kept in the database) come first."""
     texts = []
-    for kind, name, fallback in (
-            ("worker-config", "dispatcher.yaml", os.path.join(root, "%s.yaml" % worker)),
-            ("worker-env", "env.yaml", config.resolve(config.master.env)),
-            ("worker-env-dut", "env.dut.yaml", config.resolve(config.master.env_dut))):
+    for (kind, name), paths in zip(WORKER_FILES, worker_file_paths(config, worker)):
         if storage is not None:
             stored = storage.get_blob(kind, worker)
             if stored is not None:
                 texts.append(stored)
                 continue
-        texts.append(load_optional_yaml([os.path.join(root, worker, name), fallback],
-                                        name.replace(".yaml", "")))
+        texts.append(load_optional_yaml(paths, name.replace(".yaml", "")))
     return tuple(texts)
 
 

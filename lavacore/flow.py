@@ -1,10 +1,15 @@
-"""The state machines of spec section 6, enforced in one place.
+"""The state machines of jobs, devices and workers (LAVA's), enforced in one place.
 
 Every change of a job, device or worker state or health goes through :class:`Flow`. Each
 method runs in one storage transaction, re-reads the rows it changes, moves only forward
 and refuses anything else by returning None; then, after the commit, it publishes the
 events and calls the ``on_job_state`` hook. The master and the command line use the same
 Flow, with different publishers (the PUB socket, or a notification to the master).
+
+What an administrator greps for is announced as one line each, after the commit: every
+job end (state, health, reason), every cancel (who), every device or worker health change
+(from, to, who, why). In the master they go to its log; the command line hands them to
+the running master, which logs them too (``announce``).
 """
 
 import logging
@@ -13,6 +18,35 @@ from .states import (CHECKABLE_HEALTH, SCHEDULABLE_HEALTH, DeviceHealth, DeviceS
                      JobHealth, JobState, WorkerHealth, WorkerState)
 
 log = logging.getLogger("lavacore.flow")
+
+REASON_LIMIT = 500  # characters of a comment quoted in a log line
+
+
+def _reason(text):
+    text = " ".join(str(text).split())
+    return text if len(text) <= REASON_LIMIT else text[:REASON_LIMIT] + "..."
+
+
+def job_end_line(job):
+    """``job 12 finished: Incomplete (Infrastructure: ...) on qemu01``."""
+    reason = ""
+    if job.health != JobHealth.COMPLETE and job.failure_comment:
+        reason = " (%s)" % _reason(job.failure_comment)
+    return "job %d finished: %s%s%s%s" % (
+        job.id, job.health.display, reason,
+        " on %s" % job.actual_device if job.actual_device else "",
+        ", health check" if job.health_check else "")
+
+
+def health_line(kind, name, old, new, username, reason):
+    """``device qemu01 health Good -> Bad by lava-health: health check incomplete``."""
+    return "%s %s health %s -> %s by %s%s" % (
+        kind, name, old.display, new.display, username or "-",
+        ": %s" % _reason(reason) if reason else "")
+
+
+def _log_line(text):
+    log.info("%s", text)
 
 
 def job_event(job):
@@ -44,16 +78,19 @@ class Flow:
     """``publish(kind, data, username)`` sends an event ("testjob", "device", "worker");
     ``hook`` is the plugin manager's hook relay (or None); ``master`` is passed to hooks."""
 
-    def __init__(self, storage, clock, publish, hook=None, master=None):
+    def __init__(self, storage, clock, publish, hook=None, master=None, announce=None):
         self.storage = storage
         self.clock = clock
         self.publish = publish
         self.hook = hook
         self.master = master
+        self.announce = announce or _log_line
 
     # -- after-commit notifications -----------------------------------------------------
 
     def _job_changed(self, job, old_state, device=None, username=None):
+        if job.state == JobState.FINISHED and old_state != JobState.FINISHED:
+            self.announce(job_end_line(job))
         self.publish("testjob", job_event(job), username or job.submitter)
         if device is not None:
             self.publish("device", device_event(device, job.id), username or "lava-health")
@@ -107,7 +144,7 @@ class Flow:
 
     def running(self, job_id):
         """START_OK: Scheduled -> Running. Any later state is left alone (a START_OK for a
-        Canceling job is normal: quirk 1)."""
+        Canceling job is normal: LAVA's worker does it)."""
         st = self.storage
         with st.transaction():
             job = st.get_job(job_id, lock=True)
@@ -133,16 +170,21 @@ class Flow:
             job = st.get_job(job_id, lock=True)
             if job.state >= JobState.CANCELING:
                 return None
-            device = None
+            device = note = None
             old = job.state
             if job.state == JobState.SUBMITTED:
-                job, old, device = self._finish_locked(
+                job, old, device, note = self._finish_locked(
                     job, JobHealth.CANCELED, username=username,
                     comment="canceled before it was scheduled")
             else:
                 job.state = JobState.CANCELING
                 st.update_job(job_id, state=job.state)
+        self.announce("job %d canceled by %s (it was %s%s)" % (
+            job.id, username or "-", old.display,
+            " on %s" % job.actual_device if job.actual_device else ""))
         self._job_changed(job, old, device, username)
+        if note:
+            self.announce(note)
         if self.hook is not None:
             self.hook.on_cancel(master=self.master, flow=self, job=job)
         return job
@@ -154,21 +196,24 @@ class Flow:
 
     def finish(self, job_id, health, infrastructure_error=False, comment=None, username=None):
         """-> Finished with ``health`` (Canceled instead if it was Canceling). Frees the
-        device and applies the device health rule of spec 6.2. Returns the job or None if
+        device and applies the device health rule of LAVA. Returns the job or None if
         it had already finished."""
         with self.storage.transaction():
             job = self.storage.get_job(job_id, lock=True)
             if job.state == JobState.FINISHED:
                 return None
-            job, old, device = self._finish_locked(job, health, infrastructure_error, comment,
-                                                   username)
+            job, old, device, note = self._finish_locked(job, health, infrastructure_error,
+                                                         comment, username)
         self._job_changed(job, old, device, username)
+        if note:
+            self.announce(note)
         return job
 
     def _finish_locked(self, job, health, infrastructure_error=False, comment=None,
                        username=None):
         """The Finished transition inside the caller's transaction; returns (job, old
-        state, device) for the caller to announce once committed."""
+        state, device, the line announcing the device's health change or None) for the
+        caller to announce once committed."""
         st = self.storage
         old = job.state
         if health == JobHealth.UNKNOWN:
@@ -182,7 +227,7 @@ class Flow:
         st.update_job(job.id, state=job.state, health=job.health, end_time=job.end_time,
                       infrastructure_error=job.infrastructure_error,
                       failure_comment=job.failure_comment)
-        device = health_change = None
+        device = health_change = note = None
         if job.actual_device:
             device = st.get_device(job.actual_device, lock=True)
             fields = {"state": DeviceState.IDLE, "current_job": None}
@@ -200,7 +245,9 @@ class Flow:
                 st.add_history("device", device.hostname, health_change[0].display,
                                health_change[1].display, "lava-health", reason,
                                self.clock.time())
-        return job, old, device
+                note = health_line("device", device.hostname, health_change[0],
+                                   health_change[1], "lava-health", reason)
+        return job, old, device, note
 
     @staticmethod
     def _device_health_after(job, device):
@@ -217,17 +264,20 @@ class Flow:
 
     # -- devices and workers ------------------------------------------------------------
 
-    def set_device_health(self, hostname, health, username, reason=""):
+    def set_device_health(self, hostname, health, username, reason="", only_from=None):
+        """``only_from``: the healths it may change from (None: any); from another one
+        (someone else changed it meanwhile) it is left alone."""
         st = self.storage
         with st.transaction():
             device = st.get_device(hostname, lock=True)
             old = device.health
-            if old == health:
+            if old == health or (only_from is not None and old not in only_from):
                 return device
             device.health = health
             st.update_device(hostname, health=health)
             st.add_history("device", hostname, old.display, health.display, username, reason,
                            self.clock.time())
+        self.announce(health_line("device", hostname, old, health, username, reason))
         self.publish("device", device_event(device), username)
         return device
 
@@ -257,7 +307,7 @@ class Flow:
         return [w.hostname for w in went_online], created
 
     def set_worker_health(self, hostname, health, username, reason=""):
-        """Admin change of a worker's health, cascading to its devices (spec 6.1)."""
+        """Admin change of a worker's health, cascading to its devices (as LAVA)."""
         st = self.storage
         changed_devices = []
         with st.transaction():
@@ -269,16 +319,20 @@ class Flow:
             st.update_worker(hostname, health=health)
             st.add_history("worker", hostname, old.display, health.display, username, reason,
                            self.clock.time())
+            notes = [health_line("worker", hostname, old, health, username, reason)]
             for device in st.list_devices(worker=hostname):
                 new = _cascade(old, health, device.health)
                 if new is not None and new != device.health:
+                    why = "worker %s: %s" % (hostname, health.display)
                     st.add_history("device", device.hostname, device.health.display,
-                                   new.display, username,
-                                   "worker %s: %s" % (hostname, health.display),
-                                   self.clock.time())
+                                   new.display, username, why, self.clock.time())
+                    notes.append(health_line("device", device.hostname, device.health, new,
+                                             username, why))
                     device.health = new
                     st.update_device(device.hostname, health=new)
                     changed_devices.append(device)
+        for note in notes:
+            self.announce(note)
         self.publish("worker", worker_event(worker), username)
         for device in changed_devices:
             self.publish("device", device_event(device), username)

@@ -1,4 +1,4 @@
-"""Health checks (spec 9.1): which idle devices get their type's health-check job before
+"""Health checks, as LAVA schedules them: which idle devices get their type's health-check job before
 any normal job, in this scheduling pass.
 
 A device type's health check is the job ``health-checks/<type>.yaml`` (or ``.yml``) under
@@ -86,6 +86,8 @@ def plan(master, view):
             kind = types[device_type]
             text = texts[device_type]
             if kind is None or kind.health_disabled or text is None:
+                if kind is not None and device.health == DeviceHealth.UNKNOWN:
+                    _nothing_to_check(master, device, kind)
                 continue
             if not is_due(master, device, kind):
                 continue
@@ -101,6 +103,21 @@ def plan(master, view):
     view.remove([d.hostname for t in view.device_types() for d in view.devices(t)
                  if d.health == DeviceHealth.LOOPING])
     return placed
+
+
+def _nothing_to_check(master, device, kind):
+    """An Unknown device whose type has no health check (or has them disabled) cannot be
+    checked: it is Good, and its history and the log say why. (LAVA leaves such a device
+    Unknown and runs jobs on it all the same; Unknown forever told no one anything.)"""
+    if kind.health_disabled:
+        reason = "health checks are disabled for device type %s" % kind.name
+    else:
+        reason = "device type %s has no health check (%s, or one set through the API)" % (
+            kind.name, os.path.join(master.config.resolve(
+                master.config.master.dispatcher_config), "health-checks",
+                kind.name + ".yaml"))
+    master.flow.set_device_health(device.hostname, DeviceHealth.GOOD, HEALTH_USER, reason,
+                                  only_from=(DeviceHealth.UNKNOWN,))
 
 
 def _create(master, device, text):

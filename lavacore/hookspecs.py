@@ -155,7 +155,7 @@ def allocate_groups(master, queue, groups):
 @hookspec(firstresult=True)
 def health_check_due(master, device, device_type, last_check, jobs_since, now):
     """Is a health check due on ``device`` before its next job? Return True/False, or None
-    to defer to the next plugin (the builtin rule of spec 9.1 is trylast). Called by the
+    to defer to the next plugin (the builtin rule, LAVA's, is trylast). Called by the
     scheduler greenlet; must not block for long.
     """
 

@@ -23,8 +23,8 @@ import gevent.threadpool
 
 log = logging.getLogger("lavacore.jobfiles")
 
-# START's files; the optional ones are written only when not empty (LAVA-1129, spec 5.5
-# step 3) and read back as "" when absent. job.yaml is written last: when it exists, the
+# START's files; the optional ones are written only when not empty (as LAVA, LAVA-1129)
+# and read back as "" when absent. job.yaml is written last: when it exists, the
 # others were written before it.
 START_FILES = ("device.yaml", "dispatcher.yaml", "env.yaml", "env.dut.yaml", "job.yaml")
 OPTIONAL = frozenset(("dispatcher.yaml", "env.yaml", "env.dut.yaml"))

@@ -47,10 +47,14 @@ def main(argv=None):
         print("usage: python -m lavacore.localworker CONFIG MASTER_URL LOGS_URL",
               file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    from . import logsetup
+
     try:
-        worker = build(config_mod.load(argv[0]), argv[1], argv[2])
+        config = config_mod.load(argv[0])
+        # Where the master logs: [logging], or what its command line said.
+        logsetup.apply(config, os.environ.get("LAVACORE_LOG_FILE") or None,
+                       os.environ.get("LAVACORE_LOG_LEVEL") or None)
+        worker = build(config, argv[1], argv[2])
     except ConfigError as exc:
         print("lavacore local worker: %s" % exc, file=sys.stderr)
         return 1

@@ -4,6 +4,8 @@ and holds the few decisions that join them (schedule -> START, END + result -> F
 Nothing is bound or spawned before ``start()``; tests build a fresh Master per test.
 """
 
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -13,9 +15,11 @@ import gevent.event
 import gevent.subprocess
 import zmq.green as zmq
 
-from . import devices, health, plugins, protocol
+from . import config as config_mod
+from . import devices, health, logsetup, plugins, protocol, sdnotify
 from .clock import Clock
 from .config import ConfigError
+from . import flow as flow_mod
 from .flow import Flow
 from .jobfiles import JobFiles
 from .models import DeviceType, TestCase, Worker
@@ -26,14 +30,16 @@ from .services.logs import LogService
 from .services.notify import NotifyService
 from .services.scheduler import SchedulerService
 from .services.watchdog import WatchdogService
-from .states import (CHECKABLE_HEALTH, INFRASTRUCTURE_ERRORS, DeviceHealth, JobHealth,
-                     JobState, WorkerState)
+from .states import (CHECKABLE_HEALTH, INFRASTRUCTURE_ERRORS, DeviceHealth, DeviceState,
+                     JobHealth, JobState, WorkerState)
 from .storage import NotFound, StorageError
 
 log = logging.getLogger("lavacore.master")
 
 START_BATCH = 50  # STARTs built between two yields to the loop in a scheduling pass
 POLICY_AGE = 5.0  # seconds a cached anonymous policy is used
+CONFIG_USER = "config.toml"  # who changed a device, in its history, when the file did
+STANDBY_READY = 2.0  # seconds waiting for the database's master lock before READY=1
 
 
 def open_storage(config, pm):
@@ -69,6 +75,9 @@ class Master:
         self._storage_fault = None  # when the storage last stopped working, or None
         self._anonymous_policy = None
         self.events = None
+        self._leadership = False        # this master has been the active one
+        self._pending_devices = {}      # hostname -> DeviceConfig waiting for an idle device
+        self._sd_watchdog = None
 
     @property
     def hook(self):
@@ -80,15 +89,30 @@ class Master:
         from . import privileges
 
         self._identity = privileges.wanted(self.config)  # ConfigError before anything
+        warnings = config_mod.check_files(self.config)
         if self.pm is None:
             self.pm = plugins.build(self.config)
+        for warning in warnings:
+            log.warning("%s", warning)
+        for table, plugin in sorted(getattr(self.pm, "lavacore_ignored_tables", {}).items()):
+            log.warning("[%s]: plugin %s is disabled ([plugins] disable): this table is"
+                        " ignored", table, plugin)
         self.hook.configure(config=self.config, master=self)
         if self.storage is None:
             self.storage = open_storage(self.config, self.pm)
-        self.storage.acquire_leadership(self._stopped, on_lost=self._leadership_lost)
+        # A standby master waits here for the active one (PostgreSQL): being a standby is
+        # its started state, so systemd hears READY=1 after a moment instead of killing
+        # it at its start timeout.
+        standby = gevent.spawn_later(STANDBY_READY, sdnotify.ready,
+                                     "standby: waiting for the active master")
+        try:
+            self.storage.acquire_leadership(self._stopped, on_lost=self._leadership_lost)
+        finally:
+            standby.kill(block=False)
         if self._stopped.is_set():
             self._done.set()
             return self
+        self._leadership = True
         self.files = JobFiles(self.output_root)
         self.templates = devices.DeviceTemplates(
             self.config.resolve(self.config.master.dispatcher_config), self.storage)
@@ -97,12 +121,12 @@ class Master:
         self.events = EventService(self)
         self.flow = Flow(self.storage, self.clock, self.events.publish, self.hook, self)
         self.storage.set_all_workers_offline()
-        self._sync_devices()
         self.logs = LogService(self)
         self.controller = Controller(self)
         self.scheduler = SchedulerService(self)
         self.watchdog = WatchdogService(self)
         self.notify = NotifyService(self)
+        self._sync_devices()
         self.services = [self.events, self.logs, self.controller, self.notify]
         if self.config.api.enabled:
             from .services.api import ApiService
@@ -123,12 +147,25 @@ class Master:
         except Exception:
             self.stop()
             raise
+        scheduler = plugins.scheduler_in_use(self.pm, self.config)
         log.info("master started (storage %s, scheduler %s, %d services)",
-                 self.storage.name, self.config.scheduler.plugin, len(self.services))
+                 self.storage.name, plugins._short(scheduler) if scheduler else
+                 "none: only health checks run", len(self.services))
+        if scheduler and plugins._short(scheduler) != self.config.scheduler.plugin and \
+                scheduler != self.config.scheduler.plugin:
+            log.info("[scheduler] plugin is %r, but the installed plugin %s answers the"
+                     " schedule hook first", self.config.scheduler.plugin, scheduler)
         return self
+
+    def services_run(self):
+        """False once a service's greenlet has ended while the master was meant to run
+        (systemd's watchdog is then no longer fed; /health says which)."""
+        return not any(getattr(service, "greenlet", None) is not None and
+                       service.greenlet.dead for service in self.services)
 
     def _leadership_lost(self):
         # Another master holds the database now: two must never schedule at once.
+        self._leadership = False
         log.critical("lost the active-master lock on the database; stopping")
         self.exit_code = 1
         gevent.spawn(self.stop)
@@ -156,6 +193,7 @@ class Master:
                 self.local_process.wait(15)
             except (OSError, gevent.subprocess.TimeoutExpired):
                 pass
+        sdnotify.stopping()
         for timer in self._result_timers.values():
             timer.kill(block=False)
         for service in reversed(self.services):
@@ -172,9 +210,25 @@ class Master:
             self.context.destroy(linger=0)
             self.context = None
         if self.storage is not None:
+            self._workers_offline()
             self.storage.close()
         log.info("master stopped")
         self._done.set()
+
+    def _workers_offline(self):
+        """No master hears the workers any more: say so in the database, so that
+        ``workers list`` does not show them Online (a master that lost the database to
+        another leaves that to the new one)."""
+        if not self._leadership or not self._started:
+            return
+        try:
+            online = [w.hostname for w in self.storage.list_workers(state=WorkerState.ONLINE)]
+            if online:
+                self.storage.set_all_workers_offline()
+                log.info("%d worker(s) marked Offline: the master stops (%s)", len(online),
+                         ", ".join(online))
+        except StorageError as exc:
+            log.warning("cannot mark the workers Offline at stop: %s", exc)
 
     def run(self):
         """Start, then serve until SIGTERM/SIGINT (exit 0) or a service crash (exit 1). A
@@ -193,43 +247,222 @@ class Master:
                     gevent.signal_handler(signal.SIGINT, on_stop, signal.SIGINT),
                     gevent.signal_handler(signal.SIGHUP, self.reload)]
         try:
+            # From the start: a standby waiting for the database lock is alive too.
+            self._sd_watchdog = sdnotify.start_watchdog(alive=self.services_run)
             self.start()
+            if not self._stopped.is_set():
+                # systemd (Type=notify): serving now, sockets bound, privileges dropped.
+                sdnotify.ready("serving workers on %s" % self.controller.endpoint)
             self._done.wait()
         finally:
+            if self._sd_watchdog is not None:
+                self._sd_watchdog.kill(block=False)
             for handler in handlers:
                 handler.cancel()
         return self.exit_code
 
     def reload(self):
-        if not self._started:
+        """SIGHUP: the log file is reopened; config.toml is read again and its [[devices]]
+        and [logging] applied; device dictionaries, worker files and the plugins' files
+        (CURVE keys) are read again. A config.toml that does not load is one log line,
+        and the running configuration stays."""
+        if not self._started or self._stopped.is_set():
             return
-        log.info("reloading device dictionaries and worker configuration")
+        sdnotify.reloading()
+        logsetup.reopen()
+        log.info("SIGHUP: reloading device dictionaries, worker configuration and %s",
+                 self.config.path)
+        try:
+            new = config_mod.load(self.config.path)
+            plugins.build(new)  # the checks of a start: unknown tables, the scheduler
+        except ConfigError as exc:
+            log.error("SIGHUP: %s; the running configuration is kept", exc)
+            new = None
+        if new is not None:
+            self._restart_needed(new)
+            try:
+                logsetup.reapply(new)
+            except ConfigError as exc:
+                log.error("SIGHUP: %s; logging is left as it was", exc)
+            old_devices = self.config.devices
+            self.config = dataclasses.replace(self.config, devices=new.devices,
+                                              logging=new.logging)
+            try:
+                self._apply_devices(old_devices, new.devices)
+            except StorageError as exc:
+                self.storage_fault("applying the [[devices]] of config.toml", exc)
         self.templates.reload()
         self.hook.configure(config=self.config, master=self)
         self.scheduler.wake()
+        sdnotify.ready()
+
+    def _restart_needed(self, new):
+        """Say which changes of config.toml wait for a restart (all but [[devices]] and
+        [logging])."""
+        old = self.config.raw
+        changed = []
+        for table in sorted(set(old) | set(new.raw)):
+            if table in ("devices", "logging"):
+                continue
+            before, after = old.get(table), new.raw.get(table)
+            if before == after:
+                continue
+            if isinstance(before, dict) and isinstance(after, dict):
+                changed += ["[%s] %s" % (table, key) for key in sorted(set(before) | set(after))
+                            if before.get(key) != after.get(key)]
+            else:
+                changed.append("[%s]" % table)
+        if changed:
+            log.warning("SIGHUP: %s changed in %s: applied at the next restart (SIGHUP"
+                        " applies [[devices]] and [logging])", ", ".join(changed),
+                        self.config.path)
+
+    # -- the [[devices]] of config.toml -------------------------------------------------
 
     def _sync_devices(self):
-        """Devices listed in config.toml are created (or their type, worker and tags
-        updated); their health is set only when they are created, so an administrator's
-        later change is kept."""
+        """At start: devices listed in config.toml are created, or their type, worker,
+        tags and visibility set as the file says; their health is set only when they are
+        created, so an administrator's later change is kept. A device the file listed at
+        the last start (or SIGHUP) and no longer lists is retired."""
+        previous = self._listed_devices()
         for item in self.config.devices:
-            try:
-                device = self.storage.get_device(item.hostname)
-            except NotFound:
-                from .models import Device
+            self._apply_device(item, None, start=True,
+                               relisted=previous is not None and item.hostname not in previous)
+            if self.templates.dictionary(item.hostname) is None:
+                log.warning("device %s: no device dictionary (%s/devices/%s.jinja2, or one"
+                            " set through the API): its jobs fail until it has one",
+                            item.hostname, self.templates.root, item.hostname)
+        if previous is not None:
+            listed = {d.hostname for d in self.config.devices}
+            for hostname in sorted(previous - listed):
+                self._retire_device(hostname)
+        self._remember_devices()
 
-                self.storage.add_device(Device(
-                    item.hostname, item.device_type, item.worker,
-                    health=DeviceHealth.parse(item.health), tags=item.tags,
-                    is_public=item.public))
-                continue
-            self.storage.add_device_type(DeviceType(item.device_type))
-            self.storage.add_worker(Worker(item.worker))
-            if (device.device_type, device.worker, tuple(device.tags), device.is_public) != (
-                    item.device_type, item.worker, tuple(sorted(item.tags)), item.public):
-                self.storage.update_device(item.hostname, device_type=item.device_type,
-                                           worker=item.worker, tags=item.tags,
-                                           is_public=item.public)
+    def _listed_devices(self):
+        """The hostnames [[devices]] listed when this database was last synced (None the
+        first time)."""
+        text = self.storage.get_blob("config", "devices")
+        try:
+            names = json.loads(text) if text else None
+        except ValueError:
+            return None
+        return set(names) if isinstance(names, list) else None
+
+    def _remember_devices(self):
+        self.storage.set_blob("config", "devices", json.dumps(
+            sorted(d.hostname for d in self.config.devices)))
+
+    def _apply_devices(self, old, new):
+        """SIGHUP: what changed in [[devices]] since the running configuration."""
+        before = {item.hostname: item for item in old}
+        for item in new:
+            previous = before.pop(item.hostname, None)
+            if previous != item:
+                self._apply_device(item, previous, relisted=previous is None)
+        for hostname in sorted(before):
+            self._pending_devices.pop(hostname, None)
+            self._retire_device(hostname)
+        self._remember_devices()
+
+    def _apply_device(self, item, previous, start=False, relisted=False):
+        """One [[devices]] entry: created when unknown; otherwise its device_type, worker,
+        tags and public flag set as the file says (the type and worker only while it is
+        idle: a device running a job keeps them until the job ends); its health when the
+        file's changed, or when a device retired for leaving the file is listed again."""
+        from .models import Device
+
+        try:
+            device = self.storage.get_device(item.hostname)
+        except NotFound:
+            self.storage.add_device(Device(
+                item.hostname, item.device_type, item.worker,
+                health=DeviceHealth.parse(item.health), tags=item.tags,
+                is_public=item.public))
+            if not start:
+                log.info("device %s added from config.toml: type %s, worker %s, health %s",
+                         item.hostname, item.device_type, item.worker, item.health)
+                self.events.publish("device", flow_mod.device_event(
+                    self.storage.get_device(item.hostname)), CONFIG_USER)
+            return
+        self.storage.add_device_type(DeviceType(item.device_type))
+        self.storage.add_worker(Worker(item.worker))
+        changes = self._update_device(item)
+        if changes:
+            log.info("device %s changed in config.toml%s: %s", item.hostname,
+                     " since the last start" if start else "", "; ".join(changes))
+            self.events.publish("device", flow_mod.device_event(
+                self.storage.get_device(item.hostname)), CONFIG_USER)
+        wanted = DeviceHealth.parse(item.health)
+        if relisted and device.health == DeviceHealth.RETIRED and wanted != device.health:
+            health.set_device_health(self, item.hostname, wanted, CONFIG_USER,
+                                     "listed again in %s" % self.config.path)
+        elif previous is not None and previous.health != item.health and \
+                wanted != device.health:
+            health.set_device_health(self, item.hostname, wanted, CONFIG_USER,
+                                     "health changed in %s" % self.config.path)
+
+    def _update_device(self, item):
+        """Set what the file says of a device; returns the changes made, as text. The
+        type and worker of a busy device wait (``_pending_devices``) until it is idle."""
+        changes = []
+        with self.storage.transaction():
+            device = self.storage.get_device(item.hostname, lock=True)
+            fields = {}
+            if tuple(device.tags) != tuple(sorted(item.tags)):
+                fields["tags"] = item.tags
+                changes.append("tags %s -> %s" % (list(device.tags), sorted(item.tags)))
+            if device.is_public != item.public:
+                fields["is_public"] = item.public
+                changes.append("public %s -> %s" % (device.is_public, item.public))
+            moves = [(key, getattr(device, key), getattr(item, key))
+                     for key in ("device_type", "worker")
+                     if getattr(device, key) != getattr(item, key)]
+            if moves and device.state != DeviceState.IDLE:
+                self._pending_devices[item.hostname] = item
+                log.info("device %s runs job %s: its %s changed in config.toml, applied once"
+                         " it is idle", item.hostname, device.current_job,
+                         " and ".join(key for key, _, _ in moves))
+            elif moves:
+                self._pending_devices.pop(item.hostname, None)
+                for key, old, new in moves:
+                    fields[key] = new
+                    changes.append("%s %s -> %s" % (key, old, new))
+            if fields:
+                self.storage.update_device(item.hostname, **fields)
+        return changes
+
+    def _apply_pending(self, hostname):
+        """A device whose type or worker waited for its job to end is idle now."""
+        item = self._pending_devices.get(hostname)
+        if item is None or self._stopped.is_set():
+            return
+        try:
+            changes = self._update_device(item)
+        except (NotFound, StorageError) as exc:
+            log.error("device %s: cannot apply its change from config.toml: %s", hostname,
+                      exc)
+            return
+        if changes:
+            log.info("device %s changed in config.toml, applied now that it is idle: %s",
+                     hostname, "; ".join(changes))
+            self.events.publish("device", flow_mod.device_event(
+                self.storage.get_device(hostname)), CONFIG_USER)
+
+    def _retire_device(self, hostname):
+        """Gone from [[devices]]: Retired, not deleted (its jobs and history refer to it;
+        LAVA has administrators retire devices rather than delete them). A job it runs
+        goes on to its end."""
+        try:
+            device = self.storage.get_device(hostname)
+        except NotFound:
+            return
+        if device.health == DeviceHealth.RETIRED:
+            return
+        self.flow.set_device_health(
+            hostname, DeviceHealth.RETIRED, CONFIG_USER,
+            "no longer listed in %s%s" % (self.config.path, "; its job %s goes on"
+                                          % device.current_job if device.current_job
+                                          else ""))
 
     def _start_local_worker(self):
         """The [local_worker]: in this process, or in a process of its own, started while
@@ -244,9 +477,14 @@ class Master:
         if self._identity is not None:
             import sys
 
+            # It logs where the master does (its --log-file and --log-level included).
+            log_file, log_level = logsetup.overrides()
+            env = dict(os.environ, LAVACORE_LOG_FILE=log_file or "",
+                       LAVACORE_LOG_LEVEL=log_level or "")
             self.local_process = gevent.subprocess.Popen(
                 [sys.executable, "-m", "lavacore.localworker", os.path.abspath(
-                    self.config.path), master_url, logs_url], stdin=gevent.subprocess.DEVNULL)
+                    self.config.path), master_url, logs_url], stdin=gevent.subprocess.DEVNULL,
+                env=env)
             log.info("local worker %s started as process %d (work dir %s)", local.hostname,
                      self.local_process.pid, self.config.resolve(local.work_dir))
             return
@@ -270,6 +508,8 @@ class Master:
         if database:
             paths += [database, database + "-wal", database + "-shm",
                       os.path.dirname(database)]
+        if logsetup.log_file():
+            paths.append(logsetup.log_file())  # the file, not its directory (/var/log?)
         changed = privileges.give(paths, target)
         if changed:
             log.info("gave %d file(s) and directories to %s", changed, target.name)
@@ -291,6 +531,8 @@ class Master:
                     self.logs.forget(job_id)
                 self.scheduler.wake()
         elif kind == "device":
+            if data.get("state") == "Idle" and data.get("device") in self._pending_devices:
+                gevent.spawn(self._apply_pending, data.get("device"))
             if data.get("state") == "Idle" and data.get("health") in ("Good", "Unknown",
                                                                        "Looping"):
                 self.scheduler.wake()
@@ -333,6 +575,13 @@ class Master:
         try:
             if kind in ("testjob", "device", "worker", "event"):
                 self.events.publish(kind, data, username)
+            elif kind == "log":
+                # A change another process made (the command line): its line goes in the
+                # master's log with the others.
+                log.info("%s (%s)", str(data.get("line", ""))[:2000],
+                         str(data.get("source", "another process"))[:100])
+            elif kind == "ping":
+                pass  # the command line asking whether a master runs
             else:
                 self.on_event(kind, data)
         except StorageError as exc:
@@ -393,7 +642,7 @@ class Master:
 
     def start_job(self, job, device):
         """Build the START messages (hook), keep their files, send them. A job whose files
-        cannot be prepared fails alone: Incomplete, Infrastructure (spec 5.5 step 6)."""
+        cannot be prepared fails alone: Incomplete, Infrastructure."""
         try:
             messages = self.hook.start_job(master=self, job=job, device=device)
         except devices.JobSetupError as exc:
@@ -588,7 +837,7 @@ class Master:
         for hostname, last in list(self.controller.seen.items()):
             if now - last > timeout:
                 del self.controller.seen[hostname]
-                log.warning("worker %s: silent for more than %gs; Offline", hostname, timeout)
+                log.warning("worker %s: Offline (silent for more than %gs)", hostname, timeout)
                 try:
                     self.flow.set_worker_state(hostname, WorkerState.OFFLINE)
                 except (NotFound, StorageError) as exc:

@@ -2,7 +2,7 @@
 
 Both ends of the control channel are ROUTER sockets. What the master's application sees
 is ``[peer_identity, ACTION, args...]``; what the worker's sees is ``[b"master", ACTION,
-args...]``. Every frame is checked here before anyone uses it (spec section 11, quirk 3),
+args...]``. Every frame is checked here before anyone uses it,
 so a malformed message becomes a :class:`ProtocolError` naming what was wrong, never an
 IndexError deep inside a service.
 """
@@ -192,7 +192,7 @@ def _decode(frames, table):
         raise ProtocolError("%s needs %d frame(s) after the action, got %d"
                             % (action, count, len(rest)))
     if action == START and len(rest) != count:
-        # lava-slave unpacks START as a 6-tuple: more or fewer is an error (spec 3).
+        # lava-slave unpacks START as a 6-tuple: more or fewer is an error.
         raise ProtocolError("START needs exactly 6 frames after the action, got %d" % len(rest))
     return Message(action, *decoder(rest))
 

@@ -83,7 +83,7 @@ class SchedulingView:
 
 
 def queue_rank(job):
-    """LAVA's queue order (spec 9.2): priority, submit time, group, id."""
+    """LAVA's queue order: priority, submit time, group, id."""
     return (-job.priority, job.submit_time or 0, job.target_group or "", job.id)
 
 

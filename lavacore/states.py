@@ -1,4 +1,4 @@
-"""The states of jobs, devices and workers (spec section 6), with LAVA's numbers and
+"""The states of jobs, devices and workers with LAVA's numbers and
 display names. The transitions themselves are enforced in one place: lavacore/flow.py.
 """
 
@@ -68,7 +68,7 @@ class WorkerHealth(_Named):
 
 DEVICE_HEALTH_NAMES = tuple(m.display for m in DeviceHealth)
 
-# Devices a normal job may be scheduled on (spec 9.2); health checks also take LOOPING.
+# Devices a normal job may be scheduled on (LAVA's rule); health checks also take LOOPING.
 SCHEDULABLE_HEALTH = (DeviceHealth.GOOD, DeviceHealth.UNKNOWN)
 CHECKABLE_HEALTH = SCHEDULABLE_HEALTH + (DeviceHealth.LOOPING,)
 

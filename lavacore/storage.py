@@ -20,7 +20,7 @@ from .accountstore import AccountStorage
 from .models import Device, DeviceType, Job, TestCase, Worker
 from .states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MAX_JOB_ID = 2 ** 63 - 1
 ALIVE_CHUNK = 500  # hostnames per statement in workers_alive
 
@@ -115,6 +115,10 @@ WORKERS = Table("workers", Worker, WORKER_COLUMNS, "hostname")
 DEVICE_TYPES = Table("device_types", DeviceType, DEVICE_TYPE_COLUMNS, "name")
 TESTCASES = Table("testcases", TestCase, TESTCASE_COLUMNS, "id")
 
+# A job as lists show it: everything but the definition texts, which are most of a row.
+JOB_SUMMARIES = Table("jobs", Job, {c: t for c, t in JOB_COLUMNS.items()
+                                    if c not in ("definition", "original_definition")}, "id")
+
 QUEUED = (int(JobState.SUBMITTED),)
 TOKEN_FIELDS = ("id", "username", "description", "created", "last_used", "expires")
 
@@ -179,7 +183,16 @@ class SQLStorage(AccountStorage):
                     self._rollback(conn)
                     raise
                 self._tx_conn, self._tx_depth = None, 0
-                conn.commit()
+                timer = getattr(self, "statement_timer", None)
+                if timer is None:
+                    conn.commit()
+                else:
+                    clock, observe = timer
+                    started = clock()
+                    try:
+                        conn.commit()
+                    finally:
+                        observe(clock() - started)
 
     def _rollback(self, conn):
         try:
@@ -188,9 +201,20 @@ class SQLStorage(AccountStorage):
             pass
 
     def _execute(self, statement, params=()):
+        # statement_timer (clock, observe), when a master's metrics set it (plugins/
+        # metrics): the time the database took, not the wait for the transaction lock.
+        timer = getattr(self, "statement_timer", None)
         with self.transaction() as conn:
             cursor = conn.cursor()
-            cursor.execute(self._sql(statement), params)
+            if timer is None:
+                cursor.execute(self._sql(statement), params)
+                return cursor
+            clock, observe = timer
+            started = clock()
+            try:
+                cursor.execute(self._sql(statement), params)
+            finally:
+                observe(clock() - started)
             return cursor
 
     def _all(self, statement, params=()):
@@ -414,11 +438,55 @@ class SQLStorage(AccountStorage):
     def count_jobs(self, visible=None, **filters):
         return self._count(JOBS, extra=_visible(visible), **filters)
 
+    def list_job_summaries(self, limit, before=None, after=None, visible=None, **filters):
+        """A page of jobs (without definitions) by id, for lists that page by key: newest
+        first, with ids below ``before`` when given; with ``after``, the ``limit`` jobs
+        just above it, still newest first. ``visible`` as in list_jobs."""
+        extra = _visible(visible)
+        clauses, params = ([extra[0]], list(extra[1])) if extra else ([], [])
+        if before is not None:
+            clauses.append("id < ?")
+            params.append(int(before))
+        if after is not None:
+            clauses.append("id > ?")
+            params.append(int(after))
+        where, params = self._where(JOB_SUMMARIES, filters, (
+            " AND ".join(clauses) or "1 = 1", params))
+        statement = "%s%s ORDER BY id %s LIMIT %d" % (
+            JOB_SUMMARIES.select, where, "ASC" if after is not None else "DESC", int(limit))
+        found = [JOB_SUMMARIES.decode(row) for row in self._all(statement, params)]
+        return found[::-1] if after is not None else found
+
+    def count_jobs_upto(self, cap, visible=None, **filters):
+        """How many jobs match, counting no further than ``cap`` (a bounded cost on a big
+        table: a caller shows "more than cap")."""
+        where, params = self._where(JOBS, filters, _visible(visible))
+        return self._one("SELECT COUNT(*) FROM (SELECT 1 FROM jobs%s LIMIT %d) AS upto"
+                         % (where, int(cap)), params)[0]
+
+    def count_queued_by_type(self, visible=None):
+        """{device type: number of queued (Submitted) jobs}, of those ``visible``."""
+        where, params = self._where(JOBS, {"state": JobState.SUBMITTED}, _visible(visible))
+        return dict(self._all("SELECT requested_device_type, COUNT(*) FROM jobs%s AND"
+                              " requested_device_type IS NOT NULL GROUP BY"
+                              " requested_device_type" % where, params))
+
+    def queued_job_summaries(self, device_type, limit, offset=0, visible=None):
+        """Queued jobs of ``device_type`` in the scheduler's order (see queued_jobs), of
+        those ``visible``, without definitions."""
+        where, params = self._where(JOBS, {"state": JobState.SUBMITTED,
+                                           "requested_device_type": device_type},
+                                    _visible(visible))
+        rows = self._all("%s%s ORDER BY priority DESC, submit_time, target_group, id"
+                         " LIMIT %d OFFSET %d" % (JOB_SUMMARIES.select, where, int(limit),
+                                                  int(offset)), params)
+        return [JOB_SUMMARIES.decode(row) for row in rows]
+
     def update_job(self, job_id, **fields):
         self._update(JOBS, int(job_id), fields)
 
     def queued_jobs(self, device_type, limit=None, offset=0):
-        """Submitted jobs for ``device_type`` in LAVA's order (spec 9.2): priority first,
+        """Submitted jobs for ``device_type`` in LAVA's order: priority first,
         then submit time, then group and id. Records without their definition texts."""
         statement = ("%s WHERE state = ? AND requested_device_type = ? AND actual_device IS NULL"
                      " ORDER BY priority DESC, submit_time, target_group, id"
@@ -494,6 +562,9 @@ class SQLStorage(AccountStorage):
     def list_testcases(self, job_id, suite=None):
         return self._list(TESTCASES, "id", job_id=int(job_id), suite=suite)
 
+    def list_testcases_page(self, job_id, limit, offset=0):
+        return self._list(TESTCASES, "id", limit, offset, job_id=int(job_id))
+
     def testcase_counts(self, job_id):
         rows = self._all("SELECT result, COUNT(*) FROM testcases WHERE job_id = ?"
                          " GROUP BY result", (int(job_id),))
@@ -558,6 +629,14 @@ class SQLStorage(AccountStorage):
         row = self._one("SELECT content FROM blobs WHERE kind = ? AND name = ?", (kind, name))
         return row[0] if row else None
 
+    def blob_default(self, kind, name, content):
+        """The stored blob, stored as ``content`` first if there is none: processes
+        sharing the database that ask at once all get the one that was stored first."""
+        with self.transaction():
+            self._execute("INSERT INTO blobs (kind, name, content) VALUES (?, ?, ?)"
+                          " ON CONFLICT (kind, name) DO NOTHING", (kind, name, content))
+            return self.get_blob(kind, name)
+
     def set_blob(self, kind, name, content):
         with self.transaction():
             self._execute("DELETE FROM blobs WHERE kind = ? AND name = ?", (kind, name))
@@ -620,6 +699,13 @@ DDL = [
     " (state, requested_device_type, tags, priority, submit_time, id)",
     "CREATE INDEX IF NOT EXISTS jobs_worker ON jobs (worker, state)",
     "CREATE INDEX IF NOT EXISTS jobs_group ON jobs (target_group)",
+    # Schema 4: the job list's filters, each walked newest first (the web pages page by
+    # id), and a device's recent jobs.
+    "CREATE INDEX IF NOT EXISTS jobs_state_id ON jobs (state, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_health_id ON jobs (health, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_type_id ON jobs (requested_device_type, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_submitter_id ON jobs (submitter, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_device_id ON jobs (actual_device, id)",
     """CREATE TABLE IF NOT EXISTS testcases (
         id {SERIAL}, job_id {BIGINT} NOT NULL, suite TEXT NOT NULL, name TEXT NOT NULL,
         result TEXT NOT NULL, measurement TEXT, units TEXT, metadata TEXT, logged {REAL})""",
@@ -678,6 +764,8 @@ UPGRADES = {
         # Token holders were users without a record: now plain users.
         "INSERT INTO users (username) SELECT DISTINCT username FROM tokens"
         " ON CONFLICT (username) DO NOTHING"],
+    # 4 added indexes only: they are in DDL, which runs on every upgrade too.
+    4: [],
 }
 
 

@@ -1,5 +1,5 @@
 """A scripted protocol v3 worker for tests: a real ROUTER socket that says exactly what the
-test tells it to, as lava-slave would (spec section 4), and records what the master sent.
+test tells it to, as lava-slave would, and records what the master sent.
 Green (zmq.green) so it can share the gevent loop with an in-process master."""
 
 import lzma

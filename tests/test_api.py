@@ -256,7 +256,7 @@ def test_internal_error_is_a_fault_not_a_traceback(api, monkeypatch, caplog):
     def broken_details(*args):
         raise RuntimeError("simulated REST bug")
 
-    monkeypatch.setattr("lavacore.cli.job_details", broken_details)
+    monkeypatch.setattr("lavacore.present.job_details", broken_details)
     status, _, body = lab.http("GET", "/api/v1/jobs/%d/" % job_id)
     assert status == 500 and b"simulated" not in body and b"Traceback" not in body
     assert lab.rpc().system.version()

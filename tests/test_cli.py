@@ -1,4 +1,4 @@
-"""The command line of contracts.md against real SQLite files and a real master process."""
+"""The command line (README, "Command line") against real SQLite files and a real master process."""
 
 import json
 import os

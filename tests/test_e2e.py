@@ -265,7 +265,7 @@ def test_worker_killed_and_restarted_mid_job_still_completes_it(make_lab):
     assert job["health"] == "Complete", job
     assert lab.results(job_id)[("0_smoke", "after-restart")]["result"] == "pass"
     # Not its child: the restarted worker saw the end at a job check.
-    assert "job %d: runner ended: END sent" % job_id in lab.worker_log().split(
+    assert "job %d ended: runner ended: END sent" % job_id in lab.worker_log().split(
         "worker %s: master" % WORKER)[-1]
     # One runner only: its start line is in the log once.
     starts = [l for l in lab.log_lines(job_id)

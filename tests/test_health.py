@@ -1,4 +1,4 @@
-"""Health checks, maintenance and retirement (spec 6 and 9.1), with a fake clock."""
+"""Health checks, maintenance and retirement, with a fake clock."""
 
 import json
 import textwrap

@@ -236,15 +236,11 @@ def test_another_allocation_policy_replaces_the_default(lab, tmp_path, monkeypat
 
 
 def test_jobs_show_lists_the_group(lab):
-    from lavacore.cli import job_details
+    from lavacore.present import job_details
 
     lab = lab(devices=FOUR)
     ids = lab.submit(group_yaml({"node": (2, "qemu", {})}))
-
-    class Session:
-        storage = lab.storage
-
-    details = job_details(Session, lab.job(ids[0]))
+    details = job_details(lab.storage, lab.job(ids[0]))
     assert [m["id"] for m in details["group"]] == ids
 
 

@@ -83,3 +83,21 @@ def test_fifo_without_the_plugin(lab):
     lab.submit(name="second")
     worker = lab.worker()
     assert int(worker.expect("START")[1]) == first
+
+
+def test_the_scheduler_logged_is_the_one_that_runs(lab, lifo_installed, monkeypatch,
+                                                   caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.syspath_prepend(lifo_installed)
+    first = lab(extra='[scheduler]\nplugin = "lifo"\n')
+    assert "master started (storage sqlite, scheduler lifo, " in caplog.text
+    first.master.stop()
+    # Installed, it answers first even where config.toml keeps the default: the log says
+    # so instead of naming FIFO.
+    caplog.clear()
+    lab(extra='[scheduler]\nplugin = "fifo"\n')
+    assert "master started (storage sqlite, scheduler lifo, " in caplog.text
+    assert "[scheduler] plugin is 'fifo', but the installed plugin lifo answers the" \
+        " schedule hook first" in caplog.text

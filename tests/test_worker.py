@@ -1,4 +1,4 @@
-"""The worker (lava-slave equivalent, spec section 4) against a scripted master on real
+"""The worker (lava-slave equivalent) against a scripted master on real
 sockets: as a subprocess (``python -m lavacore.worker.cli``) and in-process on the gevent
 loop, with real runners and a real sqlite job table. Intervals are a tenth of a second."""
 

@@ -1,6 +1,7 @@
-"""The WSGI application: /RPC2 to XML-RPC, /api/v1/ to REST. It authenticates, reads
-bodies within a size limit, turns every refusal into an XML-RPC fault or a JSON error,
-never shows a traceback, and logs one line per request at DEBUG.
+"""The WSGI application: /RPC2 to XML-RPC, /api/v1/ to REST, the rest to the web pages
+(lavacore/web). It authenticates, reads bodies within a size limit, turns every refusal
+into an XML-RPC fault, a JSON error or an error page, never shows a traceback, and logs
+one line per request at DEBUG.
 
 It runs in the master's gevent loop: storage calls are short SQLite statements (no
 transaction is held across network I/O), and everything else is cooperative.
@@ -17,7 +18,9 @@ import gevent
 import gevent.event
 
 from ..storage import StorageError
-from . import jobs, rest, xmlrpc
+from ..web import Pages
+from ..web.pages import wants_html
+from . import jobs, monitoring, rest, xmlrpc
 from .auth import Caller, authenticate, request_host
 from .errors import BAD_REQUEST, INTERNAL, TOO_LARGE, UNAVAILABLE, ApiError, bad_request
 
@@ -90,6 +93,7 @@ class Application:
         self.idle.set()
         self.throttle = AuthThrottle(time.monotonic,
                                      int(master.config.api.max_auth_failures))
+        self.pages = Pages(self)
 
     def _busy(self, active=0, reading=0):
         self.active += active
@@ -108,12 +112,16 @@ class Application:
             self._busy(active=-1)
         if environ.get("lavacore.close"):
             headers.append(("Connection", "close"))
+        if not any(name == "X-Content-Type-Options" for name, _ in headers):
+            headers.append(("X-Content-Type-Options", "nosniff"))
         headers.append(("Content-Length", str(len(body))))
         start_response(status, headers)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s -> %s (%.1f ms)", environ.get("REMOTE_ADDR", "-"),
                       environ.get("REQUEST_METHOD", "-"), environ.get("PATH_INFO", "")[:200],
                       note, status.split()[0], (time.monotonic() - started) * 1000)
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            return [b""]  # the length of what GET would send, and no body (pywsgi sends it)
         return [body]
 
     def _throttled(self, environ):
@@ -165,11 +173,12 @@ class Application:
                 return self.xmlrpc(environ, method)
             if path.startswith(rest.PREFIX) or path == rest.PREFIX[:-1]:
                 return self.rest(environ, method, path[len(rest.PREFIX):])
-            if path == "/" and method == "GET":
+            if path in monitoring.PATHS:
+                return monitoring.respond(self, environ, method, path)
+            if path == "/" and method == "GET" and not wants_html(environ):
                 return _json("200 OK", {"version": xmlrpc.VERSION, "xmlrpc": "/RPC2",
                                         "rest": rest.PREFIX}, "index")
-            return _json("404 Not Found", {"error": "no such resource: %s" % path[:200],
-                                           "code": 404}, "404")
+            return self.pages.respond(environ, method, path)
         except Exception:  # a bug: logged here, a one-line answer there
             log.exception("internal error answering %s %s", method, path[:200])
             return ("500 Internal Server Error", [("Content-Type", "text/plain")],

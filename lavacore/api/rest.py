@@ -22,7 +22,7 @@ Lists are pages: ``{"count", "next", "previous", "results"}``. Errors are
 import re
 import urllib.parse
 
-from .. import cli, models, safeyaml
+from .. import models, present, safeyaml
 from ..states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 from . import device_types, devices, jobs, validate, workers
 from .errors import ApiError, bad_request
@@ -184,13 +184,13 @@ def jobs_validate(request):
 
 @route("GET", r"jobs/(?P<job>[^/]+)/")
 def jobs_show(request, job):
-    return 200, cli.job_details(request.master, jobs.find(request.caller, job))
+    return 200, present.job_details(request.master.storage, jobs.find(request.caller, job))
 
 
 @route("POST", r"jobs/(?P<job>[^/]+)/cancel/")
 def jobs_cancel(request, job):
     canceled = jobs.cancel(request.caller, job)
-    return 200, cli.job_details(request.master, canceled)
+    return 200, present.job_details(request.master.storage, canceled)
 
 
 @route("POST", r"jobs/(?P<job>[^/]+)/resubmit/")
@@ -230,9 +230,7 @@ def jobs_configuration(request, job):
 # -- devices ------------------------------------------------------------------------------
 
 def _device(master, device):
-    data = device.to_dict()
-    data["history"] = master.storage.list_history("device", device.hostname, limit=20)
-    return data
+    return present.device_details(master.storage, device, history=20)
 
 
 @route("GET", "devices/")
@@ -295,11 +293,10 @@ def devices_dictionary(request, name):
 
 # -- workers ------------------------------------------------------------------------------
 
-def _worker(master, worker):
-    data = worker.to_dict()
-    data["devices"] = [d.hostname for d in master.storage.list_devices(worker=worker.hostname)]
-    data["history"] = master.storage.list_history("worker", worker.hostname, limit=20)
-    return data
+def _worker(request, worker):
+    # Only the devices the caller may see are named.
+    return present.worker_details(request.master.storage, worker, request.caller.policy,
+                                  history=20)
 
 
 @route("GET", "workers/")
@@ -317,13 +314,13 @@ def workers_add(request):
     data = _fields(request.json(), ("hostname", "description", "disabled"))
     worker = workers.add(request.caller, data.get("hostname"), data.get("description"),
                          data.get("disabled", False))
-    return 201, _worker(request.master, worker)
+    return 201, _worker(request, worker)
 
 
 @route("GET", r"workers/(?P<name>[^/]+)/")
 def workers_show(request, name):
     worker = workers.find(request.master, name)
-    return 200, dict(_worker(request.master, worker),
+    return 200, dict(_worker(request, worker),
                      **_audit(request, "worker", worker.hostname))
 
 
@@ -332,7 +329,7 @@ def workers_update(request, name):
     data = _fields(request.json(), ("description", "health", "reason"))
     worker = workers.update(request.caller, name, data.get("description"), data.get("health"),
                             reason=data.get("reason"))
-    return 200, _worker(request.master, worker)
+    return 200, _worker(request, worker)
 
 
 @route("GET PUT DELETE", r"workers/(?P<name>[^/]+)/(?P<kind>config|env|env-dut)/")

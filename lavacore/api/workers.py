@@ -136,6 +136,7 @@ def set_file(caller, kind, hostname, text):
     text = validate.text(text, what, limit=1024 * 1024)
     if not text.strip():
         master.storage.set_blob(blob, worker.hostname, None)
+        master.templates.reload()
         return True
     try:
         data = yaml_load(text)
@@ -148,6 +149,7 @@ def set_file(caller, kind, hostname, text):
     if data is not None and not isinstance(data, dict):
         raise bad_request("%s: must be a YAML mapping" % what)
     master.storage.set_blob(blob, worker.hostname, text)
+    master.templates.reload()
     audit(caller, "worker", worker.hostname, "set %s" % what, None, {"bytes": len(text)})
     return True
 

@@ -8,6 +8,7 @@ import zmq as plain_zmq
 import zmq.green as zmq
 
 from ..config import ConfigError
+from ..netaddr import needs_ipv6
 
 
 class Service:
@@ -55,6 +56,8 @@ class Service:
         sock = self.master.context.socket(kind)
         for option, value in options.items():
             sock.setsockopt(option, value)
+        if self.master.config.master.ipv6 or needs_ipv6(address):
+            sock.setsockopt(zmq.IPV6, 1)
         self.master.hook.secure_socket(master=self.master, role=role, socket=sock)
         try:
             sock.bind(address)

@@ -11,7 +11,7 @@ import collections
 import gevent
 import zmq.green as zmq
 
-from .. import protocol
+from .. import metrics, protocol
 from ..ratelog import RateLimitedLog
 from ..states import JobHealth, JobState
 from ..storage import NotFound, StorageError
@@ -49,6 +49,9 @@ class Controller(Service):
         # lines, or None while the worker's copy of its log is being taken.
         self._ending = {}
         self._drops = RateLimitedLog(self.log)
+        # Counted per message, read at scrape time (lavacore/metrics.py): a dict
+        # increment, not a prometheus_client Counter (which takes a lock).
+        self._received = metrics.of(master).messages_received
         self._handlers = {
             protocol.HELLO: self.on_hello,
             protocol.HELLO_RETRY: self.on_hello,
@@ -91,6 +94,7 @@ class Controller(Service):
                 except zmq.Again:
                     break
                 if total > MAX_FRAMES:
+                    self._received[metrics.INVALID] += 1
                     self._drops.warning(("frames", bytes(frames[0])[:64]),
                                         "worker %s: dropped a message of %d frames",
                                         protocol.peer_name(bytes(frames[0])), total)
@@ -124,9 +128,11 @@ class Controller(Service):
             protocol.check_hostname(frames[0].decode("utf-8", "replace"))
             message = protocol.decode_from_worker(frames[1:])
         except protocol.ProtocolError as exc:
+            self._received[metrics.INVALID] += 1
             self._drops.warning(("malformed", hostname),
                                 "worker %s: dropped a malformed message: %s", hostname, exc)
             return
+        self._received[message.action] += 1
         if public_key is not None or self.master.auth_required:
             allowed = self.master.hook.authorize_worker(master=self.master, hostname=hostname,
                                                         public_key=public_key)
@@ -421,7 +427,7 @@ class Controller(Service):
             return
         job = master.storage.get_job(job.id)
         if not description:
-            # The runner left no description: it crashed or was killed (spec 4.6).
+            # The runner left no description: it crashed or was killed.
             if job.result is not None:
                 master.finish_from_result(job, comment)
                 return

@@ -15,6 +15,8 @@ import uuid
 import zmq.green as zmq
 
 from .. import permissions, safeyaml
+from ..config import ConfigError
+from ..netaddr import needs_ipv6
 from ..ratelog import RateLimitedLog
 from ..storage import StorageError
 from .base import Service, recv_bounded
@@ -50,7 +52,14 @@ class EventService(Service):
             sub.setsockopt(zmq.SUBSCRIBE, self.topic.encode())
             sub.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
             sub.setsockopt(zmq.RCVHWM, 10000)
-            sub.connect(config.event_url)
+            if config.ipv6 or needs_ipv6(config.event_url):
+                sub.setsockopt(zmq.IPV6, 1)
+            try:
+                sub.connect(config.event_url)
+            except zmq.ZMQError as exc:
+                sub.close(linger=0)
+                raise ConfigError("[master] event_url: cannot connect to %s: %s"
+                                  % (config.event_url, exc)) from None
             self.sub = sub
             self._plain_sub = self.plain(sub)
             self.log.info("listening to external events on %s", config.event_url)

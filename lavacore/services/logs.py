@@ -23,7 +23,7 @@ import gevent
 import gevent.lock
 import zmq.green as zmq
 
-from .. import logformat, protocol
+from .. import logformat, metrics, protocol
 from ..jobfiles import open_log
 from ..models import TestCase
 from ..ratelog import RateLimitedLog
@@ -83,6 +83,8 @@ class LogService(Service):
         self._write_fault = None
         self._sealed = collections.OrderedDict()
         self._lock = gevent.lock.RLock()
+        # [messages, bytes] read off the socket, counted per batch (lavacore/metrics.py).
+        self._received = metrics.of(master).log_lines
 
     def setup(self):
         self.socket, self.endpoint = self.bind(
@@ -130,7 +132,7 @@ class LogService(Service):
         if sock is None:
             return 0
         batch = collections.defaultdict(list)
-        count = size = 0
+        count = size = received = 0
         # With an auth plugin on, each line keeps its sender's CURVE key (User-Id) until
         # the job's worker is known, and is then checked like a controller message.
         auth = self.master.auth_required
@@ -140,6 +142,7 @@ class LogService(Service):
             except zmq.Again:
                 break
             count += 1
+            received += len(frames[-1])
             key = _user_id(frames[0]) if auth else None
             if auth:
                 frames = [frame.bytes for frame in frames]
@@ -156,6 +159,9 @@ class LogService(Service):
                 continue  # its log was replaced by the worker's copy: late duplicates
             size += len(frames[1])
             batch[job_id].append((key, frames[1]) if auth else frames[1])
+        counters = self._received
+        counters[0] += count
+        counters[1] += received
         if batch:
             self._guarded(self.process, batch)
         return count

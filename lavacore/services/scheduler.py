@@ -6,8 +6,11 @@ into the next one. A full pass also resends START to jobs still Scheduled and CA
 jobs still Canceling, which is how protocol v3 copes with lost messages.
 """
 
+import time
+
 import gevent.event
 
+from .. import metrics
 from .base import Service
 
 
@@ -21,6 +24,7 @@ class SchedulerService(Service):
         self.passes = 0
         self.full_passes = 0
         self.busy = False  # a pass is running
+        self.pass_started = None  # time.monotonic() when the running pass began
 
     def wake(self, full=False):
         """Run a pass now; ``full`` also resends START/CANCEL as the periodic pass does."""
@@ -39,22 +43,27 @@ class SchedulerService(Service):
             if now >= next_full or self._full:
                 self._full = False
                 self._wake.clear()
-                self._run(master.full_pass)
+                self._run(master.full_pass, "full")
                 self.full_passes += 1
                 next_full = clock.monotonic() + interval
                 continue
             # Real time waits at most ``step``, so a fake clock moved by a test is noticed.
             if self._wake.wait(min(step, next_full - now)):
                 self._wake.clear()
-                self._run(master.schedule_pass)
+                self._run(master.schedule_pass, "wake")
                 self.passes += 1
 
-    def _run(self, fn):
+    def _run(self, fn, kind):
+        """One pass, timed in real time (lavacore_scheduling_pass_seconds; /health
+        reports a pass that never ends)."""
         self.busy = True
+        self.pass_started = started = time.monotonic()
         try:
             fn()
         finally:
             self.busy = False
+            self.pass_started = None
+            metrics.of(self.master).passes[kind].observe(time.monotonic() - started)
 
     def idle(self):
         """No pass running and none asked for."""

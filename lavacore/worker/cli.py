@@ -14,6 +14,7 @@ import sys
 
 import gevent
 
+from .. import logsetup, sdnotify
 from .slave import DEFAULT_RUNNER, Worker, WorkerError
 
 log = logging.getLogger("lavacore.worker")
@@ -85,6 +86,9 @@ def build_parser():
                    help="this worker's key pair file (with --encrypt)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-file", default="", metavar="PATH",
+                   help="write the log to PATH (default: stderr; logrotate's rename and"
+                        " copytruncate both work)")
     return p
 
 
@@ -97,7 +101,8 @@ def make_worker(args):
         ping_interval=args.ping_interval, min_ping_interval=args.min_ping_interval,
         cancel_term_again=args.cancel_term_again, cancel_kill=args.cancel_kill,
         master_timeout=args.master_timeout, ipv6=args.ipv6, encrypt=args.encrypt,
-        master_cert=args.master_cert, worker_cert=args.worker_cert, run_as=args.run_as)
+        master_cert=args.master_cert, worker_cert=args.worker_cert, run_as=args.run_as,
+        on_ready=lambda: sdnotify.ready("worker %s" % args.hostname))
 
 
 def main(argv=None):
@@ -109,9 +114,12 @@ def main(argv=None):
         return 1
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logsetup.setup(args.log_file, args.log_level)
+    except OSError as exc:
+        print("lavacore worker: error: --log-file: cannot open %s: %s"
+              % (args.log_file, exc.strerror or exc), file=sys.stderr)
+        return 1
     try:
         worker = make_worker(args)
     except ValueError as exc:
@@ -131,6 +139,7 @@ def main(argv=None):
 
     handlers = [gevent.signal_handler(sig, on_signal, sig)
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)]
+    watchdog = sdnotify.start_watchdog()
     try:
         worker.run()
     except WorkerError as exc:
@@ -139,6 +148,9 @@ def main(argv=None):
     except Exception:
         return 1  # already logged with its traceback by the worker
     finally:
+        sdnotify.stopping()
+        if watchdog is not None:
+            watchdog.kill(block=False)
         for handler in handlers:
             handler.cancel()
     return 0

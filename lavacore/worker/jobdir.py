@@ -1,5 +1,5 @@
 """A job's directory on the worker, ``<work dir>/tmp/<prefix><job id>``: the files START
-brings, the runner started in it, and what END reads back from it (spec 4.4 and 4.6)."""
+brings, the runner started in it, and what END reads back from it."""
 
 import logging
 import lzma
@@ -90,7 +90,7 @@ def device_type(job_id, definition, device):
 
 
 def runner_argv(command, job_id, job_dir, logs_url, has_env_dut, ipv6=False, certs=None):
-    """lava-run's command line, in lava-slave's order (spec 4.4 step 4)."""
+    """lava-run's command line, in lava-slave's order."""
     argv = list(command) + [
         "--device=%s" % os.path.join(job_dir, "device.yaml"),
         "--dispatcher=%s" % os.path.join(job_dir, "dispatcher.yaml"),

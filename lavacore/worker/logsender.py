@@ -12,6 +12,7 @@ import sys
 import zmq
 
 from .. import logformat
+from ..netaddr import needs_ipv6
 
 # The built-in runner's copy of every log line it sends, in output.yaml's form, in its
 # output dir: what the master lacks after a crash is taken from it (protocol.LogInfo).
@@ -55,7 +56,7 @@ class LogSender:
         # LINGER before anything is sent: the runner must not hang at exit on a dead master.
         sock.setsockopt(zmq.LINGER, int(self.linger * 1000))
         sock.setsockopt(zmq.SNDHWM, self.hwm)
-        if self.ipv6:
+        if self.ipv6 or needs_ipv6(self.url):  # a [v6] address needs the option
             sock.setsockopt(zmq.IPV6, 1)
         if self.master_cert and self.worker_cert:
             from zmq.auth.certs import load_certificate

@@ -1,4 +1,4 @@
-"""``lavacore-run``: runs one job, with lava-run's command line (spec 4.4).
+"""``lavacore-run``: runs one job, with lava-run's command line.
 
     lavacore-run --device=DIR/device.yaml --dispatcher=DIR/dispatcher.yaml --output-dir=DIR
                  --job-id=ID --logging-url=URL DIR/job.yaml [--env-dut=DIR/env.dut.yaml]

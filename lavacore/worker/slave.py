@@ -1,4 +1,4 @@
-"""The worker: lava-slave's side of protocol v3 (spec sections 2-4) as a gevent service.
+"""The worker: lava-slave's side of protocol v3 as a gevent service.
 
 One greenlet owns the ROUTER socket and does everything in turn, as lava-slave's loop did:
 poll, handle what the master sent, PING when due, check the jobs. The job table lives in
@@ -42,6 +42,7 @@ import gevent.subprocess
 import zmq.green as zmq
 
 from .. import __version__, protocol
+from ..netaddr import needs_ipv6
 from . import environ, jobdir, procs, proctree
 from .jobdir import DEFAULT_RUNNER, LAVA_RUN_BRIDGE
 from .jobtable import (CANCELING, DONE, FINISHED, RUNNING, STATUS_NAMES, JobTable,
@@ -99,7 +100,7 @@ class Worker:
                  job_check=5.0, ping_interval=5.0, min_ping_interval=5,
                  cancel_term_again=60.0, cancel_kill=120.0, send_hwm=10, ipv6=False,
                  encrypt=False, master_cert=None, worker_cert=None, dns_check=True,
-                 master_timeout=None, run_as=None, clock=time.time):
+                 master_timeout=None, run_as=None, clock=time.time, on_ready=None):
         if not master:
             raise ValueError("a master URL is needed (--master)")
         if not logs:
@@ -143,7 +144,8 @@ class Worker:
         self.cancel_term_again = _positive("cancel_term_again", cancel_term_again)
         self.cancel_kill = _positive("cancel_kill", cancel_kill)
         self.send_hwm = int(send_hwm)
-        self.ipv6 = bool(ipv6)
+        # A [v6] address needs ZeroMQ's IPv6 option (here, and in the runners: --ipv6).
+        self.ipv6 = bool(ipv6) or needs_ipv6(master) or needs_ipv6(logs)
         self.encrypt = bool(encrypt)
         if self.encrypt and not (master_cert and worker_cert):
             raise ValueError("encryption needs both master_cert and worker_cert")
@@ -156,6 +158,8 @@ class Worker:
         self.master_timeout = (None if master_timeout is None
                                else _positive("master_timeout", master_timeout))
         self.clock = clock
+        # Called once the work dir is ours and the socket open (systemd's READY=1).
+        self.on_ready = on_ready
         # Runners (job steps) run as this user; only a worker running as root can.
         self.run_as = None
         if run_as:
@@ -244,8 +248,10 @@ class Worker:
             if self._stopping:
                 return
             self._open()
-            log.info("worker %s: master %s, logs %s, work dir %s", self.hostname, self.master,
-                     self.logs, self.work_dir)
+            log.info("worker %s: master %s, logs %s, work dir %s%s", self.hostname,
+                     self.master, self.logs, self.work_dir, " (IPv6)" if self.ipv6 else "")
+            if self.on_ready is not None:
+                self.on_ready()
             self._bootstrap()
             next_check = time.monotonic()  # report jobs that ended while we were away
             while not self._stopping:
@@ -446,7 +452,7 @@ class Worker:
     # -- bootstrap and liveness ---------------------------------------------------------
 
     def _bootstrap(self):
-        """HELLO, then HELLO_RETRY every ``hello_retry`` s until HELLO_OK (spec 4.1)."""
+        """HELLO, then HELLO_RETRY every ``hello_retry`` s until HELLO_OK."""
         self._send(self._hello())
         log.info("HELLO sent to %s", self.master)
         retry_at = time.monotonic() + self.hello_retry
@@ -536,7 +542,7 @@ class Worker:
         row = self.table.get(job_id)
         if row is not None:
             if row.status == DONE:
-                # lava-slave would have forgotten the job and run it again (quirk 2).
+                # lava-slave would have forgotten the job and run it again.
                 log.warning("job %d: START for a job that already ran here (its END was"
                             " acknowledged): not run again, END sent", job_id)
                 self._send_done(job_id)
@@ -566,7 +572,7 @@ class Worker:
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             # Spec 4.4 step 5-6: START_OK anyway; the END that follows carries the reason.
             reason = "cannot start the runner of job %d: %s" % (job_id, exc)
-            log.error(reason)
+            log.error("job %d not started: %s", job_id, reason)
             self._spawn_errors[job_id] = reason
             jobdir.append_stderr(job_dir, reason)
             self.table.insert(job_id, 0, FINISHED, self.clock(), prefix)
@@ -577,7 +583,7 @@ class Worker:
         self.table.insert(job_id, proc.pid, RUNNING, self.clock(), prefix)
         proc.rawlink(functools.partial(self._child_exited, job_id))
         self._send(protocol.start_ok(job_id))
-        log.info("job %d: runner started (pid %d) in %s: %s", job_id, proc.pid, job_dir,
+        log.info("job %d started: runner pid %d in %s: %s", job_id, proc.pid, job_dir,
                  " ".join(shlex.quote(a) for a in argv))
 
     def runner_for(self, device_type):
@@ -601,11 +607,13 @@ class Worker:
             if pid:
                 procs.signal_group(pid, signal.SIGTERM)
                 self.table.update(job_id, CANCELING, self.clock())
-                log.info("job %d: canceling: SIGTERM sent to process group %d", job_id, pid)
+                log.info("job %d canceled by the master: SIGTERM sent to process group %d",
+                         job_id, pid)
             else:
                 self._reap(job_id)
                 self.table.update(job_id, FINISHED, self.clock())
-                log.info("job %d: CANCEL, but the runner had already ended: END sent", job_id)
+                log.info("job %d canceled by the master, but its runner had already ended:"
+                         " END sent", job_id)
                 self._send_end(job_id, row.prefix)
         else:
             log.info("job %d: CANCEL for a %s job: nothing to do", job_id,
@@ -654,7 +662,7 @@ class Worker:
         self._end_sent.pop(job_id, None)
         self._copies.pop(job_id, None)
         self._infos.pop(job_id, None)
-        log.info("job %d: END_OK: job done, its directory removed", job_id)
+        log.info("job %d done: END_OK received, its directory removed", job_id)
 
     # -- jobs -----------------------------------------------------------------------------
 
@@ -677,14 +685,15 @@ class Worker:
             ended = "" if rc is None else " (exit code %d)" % rc
             if row.status == RUNNING:
                 self.table.update(job_id, FINISHED, self.clock())
-                log.info("job %d: runner ended%s: END sent", job_id, ended)
+                log.info("job %d ended: runner ended%s: END sent", job_id, ended)
             else:
                 # Stays CANCELING, as lava-slave does: the job check resends END.
-                log.info("job %d: canceled runner ended%s: END sent", job_id, ended)
+                log.info("job %d ended after its cancel: runner ended%s: END sent", job_id,
+                         ended)
             self._send_end(job_id, row.prefix)
 
     def check_jobs(self):
-        """lava-slave's periodic job check (spec 4.5)."""
+        """lava-slave's periodic job check."""
         self.table.flush()  # catch up on writes a full disk refused
         now = self.clock()
         self.table.prune(now)
@@ -702,7 +711,7 @@ class Worker:
                 if not self._alive(row):
                     rc = self._reap(row.id)
                     self.table.update(row.id, FINISHED, now)
-                    log.info("job %d: runner ended%s: END sent", row.id,
+                    log.info("job %d ended: runner ended%s: END sent", row.id,
                              "" if rc is None else " (exit code %d)" % rc)
                     self._send_end(row.id, row.prefix)
             elif row.status == CANCELING:

@@ -33,6 +33,9 @@ from .auth import CurveAuth
 
 log = logging.getLogger("lavacore.auth_curve")
 
+# The config.toml table this plugin reads (lavacore/plugins.py).
+LAVACORE_TABLES = {settings_mod.TABLE: settings_mod.effective}
+
 SECURED_ROLES = ("controller", "logs")
 
 # One state per master (tests build many masters in one process; no global state
@@ -62,8 +65,8 @@ def configure(config, master):
     auth = CurveAuth(master, settings)
     auth.scan(force=True)
     _states[master] = auth
-    # The controller then refuses any message that carries no key (spec: plaintext peers
-    # are refused when encryption is on).
+    # The controller then refuses any message that carries no key (as LAVA: plaintext
+    # peers are refused when encryption is on).
     master.auth_required = True
     log.info("CURVE on: master key %s, %d worker key(s) in %s (polled every %gs); the"
              " events socket stays plaintext", settings.public_key, len(auth.keys.by_name),

@@ -74,3 +74,14 @@ def parse(config):
                           % (_key("poll_interval"), poll))
     return CurveSettings(master_cert=master_cert, public_key=public, secret_key=secret,
                          workers_certs=workers_certs, poll_interval=float(poll))
+
+
+def effective(config):
+    """The table as the master runs it (``lavacore config``; None when absent), checked
+    as at start."""
+    table = config.raw.get(TABLE)
+    settings = parse(config)
+    if settings is None:
+        return {"enabled": False} if table is not None else None
+    return {"enabled": True, "master_cert": settings.master_cert,
+            "workers_certs": settings.workers_certs, "poll_interval": settings.poll_interval}

@@ -1,4 +1,4 @@
-"""MultiNode jobs: groups of sub-jobs that start together (spec 9.3, 9.4), without the
+"""MultiNode jobs: groups of sub-jobs that start together, without the
 deadlocks of LAVA's one-device-at-a-time reservation.
 
 Submission: a definition with ``protocols: lava-multinode: roles:`` (already checked
@@ -33,6 +33,7 @@ coordinator's port (``protocols: lava-multinode: coordinator:``), which lavacore
 uses; LAVA's lava-run ignores it and reads /etc/lava-coordinator/lava-coordinator.conf.
 """
 
+import dataclasses
 import heapq
 import itertools
 import uuid
@@ -48,6 +49,17 @@ from lavacore.states import DeviceHealth, JobHealth, JobState
 
 from .split import split
 from .trim import trimmed_configuration
+
+
+def _coordinator_table(config):
+    """The [coordinator] table as the coordinator service runs it (lavacore config)."""
+    values = dataclasses.asdict(coordinator_mod.settings(config))
+    values.pop("listen_explicit", None)
+    return values
+
+
+# The config.toml tables this plugin reads (lavacore/plugins.py).
+LAVACORE_TABLES = {"coordinator": _coordinator_table}
 
 
 def _multinode(data):
@@ -285,7 +297,7 @@ def start_job(master, job, device):
     job.definition = definition
     context = (devices_mod.yaml_load(job.definition) or {}).get("context") or {}
     config = master.hook.device_config(master=master, device=device, context=context)
-    dispatcher, env, env_dut = devices_mod.worker_files(master.config, job.worker, storage)
+    dispatcher, env, env_dut = master.templates.worker_files(master.config, job.worker)
     device_text = devices_mod.yaml_dump(config)
     messages = [devices_mod.StartMessage(job.worker, job.id, definition, device_text,
                                          dispatcher, env, env_dut)]

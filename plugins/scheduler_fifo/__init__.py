@@ -1,4 +1,4 @@
-"""The default scheduler: LAVA's order (spec 9.2).
+"""The default scheduler: LAVA's order.
 
 Per device type, queued jobs are taken by priority, then submit time, then id. Each job
 gets the first available device that carries all its tags; a job without tags prefers the

@@ -106,6 +106,9 @@ class PostgresStorage(SQLStorage):
     name = "postgres"
     placeholder = "%s"
     _for_update = " FOR UPDATE"
+    # (clock, observe(seconds)) of a master's metrics (plugins/metrics), or None: each
+    # statement's and commit's round trip is observed.
+    statement_timer = None
 
     OPTIONS = {
         # name: (type, default, what)
@@ -269,7 +272,7 @@ class PostgresStorage(SQLStorage):
             try:
                 yield tx
                 if tx.begun:
-                    conn.cursor().execute("COMMIT")
+                    _timed(self.statement_timer, conn.cursor().execute, "COMMIT")
             except BaseException as exc:
                 broken = not self._abort(tx)
                 if isinstance(exc, psycopg2.Error):
@@ -301,9 +304,11 @@ class PostgresStorage(SQLStorage):
             tx.begun = True
             begin = "BEGIN; "
 
+        timer = self.statement_timer
+
         def run(cursor):
             sql, values = self._prepared(cursor.connection, statement, params)
-            cursor.execute(begin + sql, values)
+            _timed(timer, cursor.execute, begin + sql, values)
             return _Result(cursor)
 
         return self._run(run, tx)
@@ -367,8 +372,9 @@ class PostgresStorage(SQLStorage):
         """A multi-row INSERT (``VALUES %s`` in ``statement``): in the current transaction,
         else alone when it fits one statement, else in a transaction of its own."""
         tx = self._txs.get(gevent.getcurrent())
-        return self._run(lambda cursor: psycopg2.extras.execute_values(
-            cursor, statement, rows, None, page_size, fetch), tx, len(rows) <= page_size)
+        return self._run(lambda cursor: _timed(
+            self.statement_timer, psycopg2.extras.execute_values, cursor, statement, rows,
+            None, page_size, fetch), tx, len(rows) <= page_size)
 
     # -- schema -------------------------------------------------------------------------
 
@@ -512,6 +518,18 @@ class PostgresStorage(SQLStorage):
 
 
 MAX_PREPARED = 200  # per connection; statements beyond run unprepared
+
+
+def _timed(timer, fn, *args):
+    """``fn(*args)``, its duration observed when there is a ``timer`` (clock, observe)."""
+    if timer is None:
+        return fn(*args)
+    clock, observe = timer
+    started = clock()
+    try:
+        return fn(*args)
+    finally:
+        observe(clock() - started)
 _DML = ("SELECT ", "INSERT ", "UPDATE ", "DELETE ")
 
 

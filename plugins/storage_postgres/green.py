@@ -1,7 +1,7 @@
 """psycopg2 under gevent: the wait callback.
 
 psycopg2 is a C extension, so monkey patching does nothing for it; without this callback
-every query blocks the whole hub (spec/stack-notes.md, gotcha 1). It must be installed
+every query blocks the whole hub. It must be installed
 before the first connection is made, and it is process-wide: every psycopg2 connection of
 the process then waits cooperatively.
 

@@ -1,7 +1,7 @@
 """The default storage: one SQLite file in WAL mode, embedded in the master.
 
 One connection per process. sqlite3 calls block the gevent hub while they run (they are
-C calls; see spec/stack-notes.md); the statements here are short, so that costs
+C calls, not gevent-aware I/O); the statements here are short, so that costs
 microseconds. Other processes (the CLI) open the same file and wake the master through a
 Linux abstract unix datagram socket named after the database file, which also keeps two
 masters from running on one file.
@@ -33,6 +33,9 @@ _UNAVAILABLE = (sqlite3.OperationalError, sqlite3.InternalError, sqlite3.Databas
 
 class SQLiteStorage(SQLStorage):
     name = "sqlite"
+    # (clock, observe(seconds)) of a master's metrics (plugins/metrics), or None: each
+    # statement and commit of lavacore.storage is observed.
+    statement_timer = None
 
     def __init__(self, path, synchronous="NORMAL", busy_timeout=5.0):
         super().__init__()
