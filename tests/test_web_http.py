@@ -10,6 +10,7 @@ import time
 import urllib.parse
 
 import pytest
+import yaml
 
 from apiutil import api_labs, in_thread, run_job
 from conftest import job_yaml
@@ -253,6 +254,7 @@ def test_a_private_job_is_seen_by_whom_the_api_shows_it_to(api):
     for client in (anonymous, bob):
         assert client.get("/jobs/%d" % private).status == 404
         assert client.get("/jobs/%d/log?start=0" % private).status == 404
+        assert client.get("/jobs/%d/output.yaml" % private).status == 404
         listing = client.get("/jobs")
         assert private not in listing.job_ids() and public in listing.job_ids()
         assert "alice&#39;s secret" not in listing.text
@@ -262,6 +264,7 @@ def test_a_private_job_is_seen_by_whom_the_api_shows_it_to(api):
         assert "bbb01" not in client.get("/workers/worker1").text
         assert "bbb job" not in client.get("/queue").text
     assert "alice&#39;s secret" in alice.get("/jobs/%d" % private).text
+    assert alice.get("/jobs/%d/output.yaml" % private).status == 200
     assert private in alice.get("/jobs").job_ids()
     assert dora.get("/devices/bbb01").status == 200
     assert hidden_type in dora.get("/jobs").job_ids() and "bbb job" in dora.get("/queue").text
@@ -470,6 +473,24 @@ def test_a_big_log_is_shown_a_window_at_a_time(api):
     assert json.loads(client.get("/jobs/%d/log?start=9999" % job_id).body)["lines"] == []
     assert client.get("/jobs/%d/log?start=-1" % job_id).status == 400
     assert client.get("/jobs/%d?log_start=x" % job_id).status == 400
+    # The whole log to download, as LAVA's output.yaml, also at LAVA's address.
+    assert 'href="/jobs/%d/output.yaml"' % job_id in page
+    download = client.get("/jobs/%d/output.yaml" % job_id)
+    assert download.status == 200
+    assert download.header("Content-Disposition") == \
+        'attachment; filename="job-%d-output.yaml"' % job_id
+    entries = yaml.safe_load(download.body)
+    assert len(entries) == total and entries[0]["msg"] == "line 1"
+    assert entries[-1]["lvl"] == "results"
+    head = client.request("HEAD", "/jobs/%d/output.yaml" % job_id)
+    assert head.status == 200 and head.body == b""
+    assert int(head.header("Content-Length")) == len(download.body)
+    moved = client.get("/scheduler/job/%d/log_file/plain" % job_id)
+    assert moved.status == 301
+    assert moved.header("Location") == "/jobs/%d/output.yaml" % job_id
+    queued = lab.submit()
+    empty = client.get("/jobs/%d/output.yaml" % queued)
+    assert empty.status == 200 and empty.body == b""
 
 
 def test_log_view_indexes_a_growing_log_and_a_replaced_one(tmp_path, monkeypatch):

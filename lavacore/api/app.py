@@ -120,9 +120,12 @@ class Application:
             log.debug("%s %s %s %s -> %s (%.1f ms)", environ.get("REMOTE_ADDR", "-"),
                       environ.get("REQUEST_METHOD", "-"), environ.get("PATH_INFO", "")[:200],
                       note, status.split()[0], (time.monotonic() - started) * 1000)
+        streamed = not isinstance(body, bytes)  # pages.FileBody: sent in chunks
         if environ.get("REQUEST_METHOD") == "HEAD":
+            if streamed:
+                body.close()
             return [b""]  # the length of what GET would send, and no body (pywsgi sends it)
-        return [body]
+        return body if streamed else [body]
 
     def _throttled(self, environ):
         """429 for a request with credentials from an address that failed too often."""

@@ -69,6 +69,8 @@ LAVA_PATHS = [
     (re.compile(r"^/scheduler/device/%s$" % _NAME), lambda m: render.device_url(m["name"])),
     (re.compile(r"^/scheduler/allworkers$"), lambda m: "/workers"),
     (re.compile(r"^/scheduler/worker/%s$" % _NAME), lambda m: render.worker_url(m["name"])),
+    (re.compile(r"^/scheduler/job/%s/log_file/plain$" % _JOB),
+     lambda m: render.job_url(m["ident"], "/output.yaml")),
     (re.compile(r"^/scheduler/queue$"), lambda m: "/queue"),
     (re.compile(r"^/accounts/login/?$"), lambda m: "/login"),
 ]
@@ -432,7 +434,8 @@ def job_page(request, ident):
         log_next=window(end) if end < total else None,
         log_last=render.job_url(ident) + "#log" if end < total else None,
         definition=jobs.definition(job), can_cancel=can_cancel,
-        log_url=render.job_url(ident, "/log"), finished=job.state == JobState.FINISHED)
+        log_url=render.job_url(ident, "/log"),
+        log_file_url=render.job_url(ident, "/output.yaml"), finished=job.state == JobState.FINISHED)
 
 
 @route("GET", "/jobs/%s/log" % _JOB)
@@ -448,6 +451,53 @@ def job_log(request, ident):
                        "start": start, "next": end, "total": total,
                        "lines": lines}, ensure_ascii=False).encode("utf-8")
     return "200 OK", [("Content-Type", "application/json")] + request.headers, body
+
+
+@route("GET", "/jobs/%s/output.yaml" % _JOB)
+def job_log_file(request, ident):
+    """The job's whole log as the worker sent it (LAVA's output.yaml), streamed from the
+    file: as much of it as was written when the request came."""
+    job = jobs.find(request.caller, ident)
+    try:
+        body = FileBody(open(_log_path(request, job), "rb"))
+    except FileNotFoundError:
+        body = b""  # no line yet: queued, or ended without starting
+    except OSError as exc:
+        raise ApiError(503, "the log of job %s cannot be read: %s" % (ident, exc.strerror))
+    name = "job-%s-output.yaml" % ident
+    return "200 OK", [("Content-Type", "text/plain; charset=utf-8"),
+                      ("Content-Disposition", 'attachment; filename="%s"' % name)
+                      ] + request.headers, body
+
+
+class FileBody:
+    """A response body read from an open file in chunks as it is sent (app.py hands it
+    to the WSGI server as the iterable): the file's first ``len()`` bytes, its size when
+    opened, so a log still growing is sent as it was."""
+
+    CHUNK = 256 * 1024
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.size = os.fstat(handle.fileno()).st_size
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        left = self.size
+        try:
+            while left > 0:
+                chunk = self.handle.read(min(self.CHUNK, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                yield chunk
+        finally:
+            self.close()
+
+    def close(self):
+        self.handle.close()
 
 
 @route("POST", "/jobs/%s/cancel" % _JOB)
