@@ -21,10 +21,10 @@ from .harness import (EchoProcess, MasterProcess, SimProcess, Workspace, cleanup
 NUMBER = 1
 NAME = "control"
 TITLE = "Control plane: PING/PONG round trips per second"
-TARGET_RATIO = 0.70
+TARGET_RATIO = 0.85
 SIZES = {
     "full": {"workers": [100, 1000], "duration": 2.0, "warmup": 0.5, "window": 4,
-             "rounds": 3},
+             "rounds": 5},
     "small": {"workers": [100], "duration": 1.0, "warmup": 0.3, "window": 4, "rounds": 2},
     "tiny": {"workers": [5], "duration": 0.3, "warmup": 0.1, "window": 1, "rounds": 1},
 }
@@ -74,9 +74,13 @@ def run(backend, size, ctx):
         bare = statistics.median(rates["echo"])
         got = statistics.median(rates["master"])
         ratio = got / bare if bare else 0.0
-        spread = "; rounds: echo %s, master %s" % (
+        # Each master round against the echo round just before it: the spread of the
+        # ratio over the run, which a single median hides.
+        paired = [m / e for e, m in zip(rates["echo"], rates["master"]) if e]
+        spread = "; rounds: echo %s, master %s; ratio per round %.0f-%.0f%%" % (
             "/".join("%.0f" % r for r in rates["echo"]),
-            "/".join("%.0f" % r for r in rates["master"]))
+            "/".join("%.0f" % r for r in rates["master"]),
+            100 * min(paired, default=0), 100 * max(paired, default=0))
         note = ("%d PING(s) in flight per worker; median of %d alternating rounds of %gs%s; "
                 "server CPU (one core, incl. its ZeroMQ I/O thread): echo %.0f%%, master "
                 "%.0f%%; simulated workers %.0f%%"
@@ -88,6 +92,6 @@ def run(backend, size, ctx):
         rows.append(row(NUMBER, "master PING/PONG, %d workers" % count, backend,
                         round(got), "round trips/s", note="master RSS %.0f MB" % rss))
         rows.append(row(NUMBER, "master / bare echo, %d workers" % count, backend,
-                        round(100 * ratio, 1), "%", target=">= 70%",
+                        round(100 * ratio, 1), "%", target=">= %d%%" % round(100 * TARGET_RATIO),
                         ok=ratio >= TARGET_RATIO, note=note))
     return rows

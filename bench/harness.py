@@ -44,8 +44,29 @@ actions:
     definitions: []
 """
 
-DEVICE_TYPE = ("{% extends 'base.jinja2' %}\n{% block body %}\nrole: {{ role | default('dut') }}"
-               "\n{% endblock %}\n")
+DEVICE_TYPE = """\
+{% extends 'base.jinja2' %}
+{% block body %}
+role: {{ role | default('dut') }}
+commands:
+  connect: {{ connection_command }}
+  hard_reset: {{ hard_reset_command }}
+  power_off: {{ power_off_command }}
+  power_on: {{ power_on_command }}
+parameters:
+  kernel_args: {{ extra_kernel_args }}
+{% endblock %}
+"""
+
+DICTIONARY = """\
+{{% extends '{device_type}.jinja2' %}}
+{{% set device_type = '{device_type}' %}}
+{{% set connection_command = 'telnet serial-server {port}' %}}
+{{% set hard_reset_command = 'pduclient --hostname pdu{pdu} --port {outlet} --command reboot' %}}
+{{% set power_off_command = 'pduclient --hostname pdu{pdu} --port {outlet} --command off' %}}
+{{% set power_on_command = 'pduclient --hostname pdu{pdu} --port {outlet} --command on' %}}
+{{% set extra_kernel_args = 'console=ttyS0,115200' %}}
+"""
 
 _counter = itertools.count()
 
@@ -190,10 +211,13 @@ class Workspace:
             if not os.path.exists(path):
                 with open(path, "w") as handle:
                     handle.write(DEVICE_TYPE)
-        for device in devices:
+        for number, device in enumerate(devices):
+            # As a lab's dictionaries are: the same type, but each device its own serial
+            # console and power port, so no two render alike.
             with open(os.path.join(root, "devices", "%s.jinja2" % device[0]), "w") as handle:
-                handle.write("{%% extends '%s.jinja2' %%}\n{%% set device_type = '%s' %%}\n"
-                             % (device[1], device[1]))
+                handle.write(DICTIONARY.format(hostname=device[0], device_type=device[1],
+                                               port=7000 + number % 1000,
+                                               pdu=number // 24, outlet=number % 24 + 1))
 
     def close(self):
         if self.schema is not None:

@@ -119,7 +119,12 @@ def run(backend, size, ctx):
         t0 = time.perf_counter()
         started = master.schedule_pass()
         apply_all = time.perf_counter() - t0
-        # Steady state: every device busy; free a few and schedule again.
+        # Steady state: every device busy; free a few and schedule again, once the files
+        # of the full pass's STARTs are written (their native thread would otherwise still
+        # be writing thousands of files, taking the GIL from the loop at every switch).
+        t0 = time.perf_counter()
+        master.files.flush(300)
+        drained = time.perf_counter() - t0
         freed = rng.sample([d[0] for d in devices], max(1, int(size["steady"] * len(devices))))
         with storage.transaction():
             for hostname in freed:
@@ -142,8 +147,9 @@ def run(backend, size, ctx):
                         len(started), 1000 * apply_all / max(1, len(started)))))
     rows.append(row(NUMBER, "steady pass, %d idle of %d devices" % (len(freed), len(devices)),
                     backend, round(1000 * steady, 1), "ms", target="< 100 ms",
-                    ok=steady < 0.1, note="decision %.1f ms; %d jobs placed" % (
-                        1000 * steady_decision, len(steady_started))))
+                    ok=steady < 0.1, note="decision %.1f ms; %d jobs placed (measured once the"
+                    " full pass's START files were written, %.1f s after it)" % (
+                        1000 * steady_decision, len(steady_started), drained)))
     rows.append(row(NUMBER, "decision cost growth exponent", backend,
                     round(exponent, 2), "(1 = linear)", target="<= 1.1", ok=exponent <= 1.1,
                     note="decision ms at " + ", ".join(

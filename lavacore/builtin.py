@@ -15,8 +15,7 @@ def device_config(master, device, context):
 
 @hookimpl(trylast=True)
 def start_job(master, job, device):
-    definition = devices.yaml_load(job.definition) or {}
-    context = definition.get("context") or {}
+    context = job_context(job.definition)
     if len(master.hook.device_config.get_hookimpls()) == 1:  # only device_config above
         config = master.templates.render_text(device.hostname, context)
     else:
@@ -25,6 +24,17 @@ def start_job(master, job, device):
     dispatcher, env, env_dut = master.templates.worker_files(master.config, job.worker)
     return [devices.StartMessage(job.worker, job.id, job.definition, config, dispatcher,
                                  env, env_dut)]
+
+
+def job_context(definition):
+    """The ``context`` of a job definition ({} if none). A text that neither holds the
+    word nor any backslash cannot have the key (YAML spells a key differently only with
+    an escape in a double-quoted scalar), so most STARTs skip parsing the job again."""
+    if "context" not in definition and "\\" not in definition:
+        return {}
+    data = devices.yaml_load(definition)
+    context = data.get("context") if isinstance(data, dict) else None
+    return context or {}
 
 
 @hookimpl(trylast=True)

@@ -93,6 +93,26 @@ def cmd_master(args):
     return Master(config).run()
 
 
+def cmd_api(args):
+    """The HTTP API in processes of their own, beside the master (lavacore/apiserver.py)."""
+    from . import apiserver
+    from . import config as config_mod
+    from . import logsetup
+
+    from .services.api import parse_listen
+
+    if args.processes < 1:
+        raise UserError("--processes: at least 1")
+    config = config_mod.load(args.config)
+    parse_listen(args.listen or config.api.listen)  # a typo: one line, before anything
+    if args.processes > 1 and config.storage.backend == "sqlite":
+        raise UserError(apiserver.SQLITE_POOL % args.processes)
+    logsetup.apply(config, args.log_file, args.log_level)
+    return apiserver.run(config, listen=args.listen, processes=args.processes,
+                         events_url=args.events, reuse_port=args.reuse_port,
+                         log_file=args.log_file, log_level=args.log_level)
+
+
 def cmd_config(args):
     """The configuration the master would run with, or the error it would stop with."""
     from . import config as config_mod
@@ -569,6 +589,20 @@ def build_parser():
                              " sees everything by default)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("master", help="run the master (the default command)")
+    p = sub.add_parser("api", help="serve the HTTP API (XML-RPC, REST, pages, /metrics)"
+                                   " from processes beside the master, on its database")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="where to listen (default: [api] listen; the master must not"
+                        " listen there too)")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="a pool of N processes sharing the socket (default: 1)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="each process binds the address with SO_REUSEPORT instead of"
+                        " sharing one socket (other lavacore api processes may join)")
+    p.add_argument("--events", metavar="URL",
+                   help="the master's event socket, for /ws/ (default: [master] events,"
+                        " a wildcard host taken as this host)")
+    p.set_defaults(func=cmd_api, standalone=True)
     p = sub.add_parser("worker", add_help=False, prefix_chars="\0",
                        help="run a protocol v3 worker (lavacore worker --help)")
     p.add_argument("worker_args", nargs=argparse.REMAINDER)
@@ -697,6 +731,8 @@ def main(argv=None):
             return worker_main(args.worker_args)
         if args.command in (None, "master"):
             return cmd_master(args)
+        if args.command == "api":
+            return cmd_api(args)
         _setup_logging("WARNING")
         if getattr(args, "standalone", False):
             return args.func(args)

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import tomllib
+import urllib.parse
 
 from . import safeyaml, states
 
@@ -94,6 +95,12 @@ class ApiConfig:
     # Failed authentications one client address may make per minute; past that its
     # requests with credentials get 429 for the rest of the minute.
     max_auth_failures: int = 10
+    # Connections open at once, all clients together (each costs a greenlet).
+    max_connections: int = 1024
+    # The address people reach the pages at, when a reverse proxy stands in front
+    # ("https://lava.example.org"): forms must come from it, and with https the session
+    # cookie is sent over TLS only. Empty: the request's own Host and scheme.
+    public_url: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +283,16 @@ def from_dict(raw, path="<memory>", base_dir=None):
         raise ConfigError("[api] max_client_connections: a whole number, at least 1")
     if api.max_auth_failures < 1 or api.max_auth_failures != int(api.max_auth_failures):
         raise ConfigError("[api] max_auth_failures: a whole number, at least 1")
+    if api.max_connections < api.max_client_connections or api.max_connections != int(
+            api.max_connections):
+        raise ConfigError("[api] max_connections: a whole number, at least"
+                          " max_client_connections (%d)" % api.max_client_connections)
+    if api.public_url:
+        parts = urllib.parse.urlsplit(api.public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc or \
+                parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ConfigError("[api] public_url: an http(s)://host[:port] address, got %r"
+                              % api.public_url)
     plugins = _table(PluginsConfig, "plugins", raw.get("plugins"))
     for key in ("modules", "disable"):
         for item in getattr(plugins, key):
@@ -416,11 +433,14 @@ def masked(value, key=""):
     return value
 
 
-def _masked_url(text):
-    import urllib.parse
+_KEYWORD_SECRET = re.compile(r"""(\b(?:password|passwd|sslpassword)\s*=\s*)(?:'(?:[^'\\]|\\.)*'|\S+)""")
 
+
+def _masked_url(text):
     if "://" not in text:
-        return text
+        # A libpq keyword string ("host=db user=lava password=secret"): each secret
+        # keyword's value, quoted or not.
+        return _KEYWORD_SECRET.sub(lambda m: m.group(1) + MASK, text)
     try:
         parts = urllib.parse.urlsplit(text)
         password = parts.password

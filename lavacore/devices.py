@@ -68,6 +68,10 @@ MAX_TEMPLATE = 1024 * 1024        # characters of one dictionary or type templat
 MAX_OUTPUT = 4 * 1024 * 1024      # characters a rendering may produce
 MAX_REPEAT = 1024 * 1024          # length of a string or list made with "*"
 MAX_POWER = 4096                  # bits of a number made with "**"
+# Levels a rendered configuration may nest (LAVA's nest about eight): far below what
+# would crash libyaml's composer (tens of thousands), and loose enough that a usual
+# configuration is let through on string counts (safeyaml.depth_bound), unwalked.
+MAX_CONFIG_DEPTH = 1000
 RENDER_SECONDS = 2.0              # CPU a rendering may take before it is stopped
 # Rendered device configurations kept, per (device, job context): at most this many, of
 # at most this many characters in all; a context larger than MAX_CACHED_CONTEXT (as JSON)
@@ -141,9 +145,13 @@ class DeviceTemplates:
         self.clock = clock
         self._env = None
         self._stats = {}                          # path -> (looked at, mtime_ns or None)
-        self._rendered = collections.OrderedDict()  # (hostname, context) -> (text, deps)
+        # (hostname, context) -> [text, deps, when the deps were last found unchanged]
+        self._rendered = collections.OrderedDict()
         self._rendered_chars = 0
-        self._worker_files = {}                   # worker -> (texts, deps)
+        self._worker_files = {}                   # worker -> [texts, deps, checked]
+        self._looked = {}                         # template name -> files its source used
+        self._plans = {}                          # dictionary name -> (plan, uptodate)
+        self._blobs = None                        # (kind, name) of templates in the database
 
     def _mtime(self, path):
         """The mtime of ``path`` (None if absent), as seen at most STAT_TTL ago."""
@@ -163,12 +171,16 @@ class DeviceTemplates:
     def _fresh(self, deps):
         return all(self._mtime(path) == mtime for path, mtime in deps)
 
-    def _template_paths(self, name):
-        """The files where template ``name`` may come from, in the order looked at."""
-        if not _TEMPLATE_NAME.match(name) or ".." in name:
-            return []
-        return [os.path.join(self.root, directory, name)
-                for directory in ("devices", "device-types")]
+    def _unchanged(self, entry):
+        """Whether a cached [value, deps, checked] is still good: its files are looked at
+        again once STAT_TTL has passed since they were last found unchanged."""
+        now = self.clock()
+        if now - entry[2] < STAT_TTL:
+            return True
+        if self._fresh(entry[1]):
+            entry[2] = now
+            return True
+        return False
 
     def _source(self, name):
         if not _TEMPLATE_NAME.match(name) or ".." in name:
@@ -178,17 +190,18 @@ class DeviceTemplates:
             base = name[: -len(".jinja2")]
         absent = []  # files looked at before: the template is stale once one appears
         for kind, directory in (("device", "devices"), ("device-type", "device-types")):
-            if self.storage is not None:
+            if self.storage is not None and (kind, base) in self._stored():
                 text = self.storage.get_blob(kind, base)
                 if text is not None:
                     # Kept in the database: changed only through the API, which calls
                     # reload() (in this process, or through the notification channel).
-                    return _bounded(text, name), None, \
-                        lambda a=tuple(absent): self._fresh(a)
+                    self._looked[name] = deps = tuple(absent)
+                    return _bounded(text, name), None, lambda d=deps: self._fresh(d)
             path = os.path.join(self.root, directory, name)
             try:
-                with open(path, encoding="utf-8") as handle:
+                with open(_open_quietly(path), encoding="utf-8") as handle:
                     text = handle.read(MAX_TEMPLATE + 1)
+                    mtime = os.fstat(handle.fileno()).st_mtime_ns
             except FileNotFoundError:
                 absent.append((path, None))
                 continue
@@ -196,11 +209,17 @@ class DeviceTemplates:
                 raise JobSetupError("cannot read %s: %s" % (path, getattr(exc, "strerror",
                                                                            None) or exc)) \
                     from None
-            mtime = os.stat(path).st_mtime_ns
             self._stats[path] = (self.clock(), mtime)
-            deps = tuple(absent) + ((path, mtime),)
+            self._looked[name] = deps = tuple(absent) + ((path, mtime),)
             return _bounded(text, name), path, lambda d=deps: self._fresh(d)
         return None
+
+    def _stored(self):
+        """The (kind, name) of every dictionary and type template kept in the database,
+        read once until reload(): a START does not ask the database for each one."""
+        if self._blobs is None:
+            self._blobs = self.storage.blob_names()
+        return self._blobs
 
     def environment(self):
         if self._env is None:
@@ -216,6 +235,9 @@ class DeviceTemplates:
         template or worker file set through the API)."""
         self._env = None
         self._stats.clear()
+        self._looked.clear()
+        self._plans.clear()
+        self._blobs = None
         self._rendered.clear()
         self._rendered_chars = 0
         self._worker_files.clear()
@@ -259,7 +281,7 @@ class DeviceTemplates:
             key = None
         if key is not None:
             found = self._rendered.get(key)
-            if found is not None and self._fresh(found[1]):
+            if found is not None and self._unchanged(found):
                 self._rendered.move_to_end(key)
                 return found[0]
         env = self.environment()
@@ -271,38 +293,70 @@ class DeviceTemplates:
         if key is not None:
             # What it came from: the template files (a template kept in the database
             # changes only through the API, which calls reload()).
-            deps = tuple((path, self._mtime(path)) for name in sorted(loaded)
-                         for path in self._template_paths(name))
+            deps = tuple(dep for name in sorted(loaded) for dep in self._looked.get(name, ()))
             old = self._rendered.pop(key, None)
             if old is not None:
                 self._rendered_chars -= len(old[0])
-            self._rendered[key] = (text, deps)
+            self._rendered[key] = [text, deps, self.clock()]
             self._rendered_chars += len(text)
             while self._rendered and (len(self._rendered) > CACHED_RENDERINGS or
                                       self._rendered_chars > CACHED_CHARACTERS):
-                _, (dropped, _) = self._rendered.popitem(last=False)
+                dropped = self._rendered.popitem(last=False)[1][0]
                 self._rendered_chars -= len(dropped)
         return text
 
     def worker_files(self, config, worker):
         """:func:`worker_files` of ``worker``, cached while its files keep their mtime."""
         found = self._worker_files.get(worker)
-        if found is not None and self._fresh(found[1]):
+        if found is not None and self._unchanged(found):
             return found[0]
         paths = worker_file_paths(config, worker)
         texts = worker_files(config, worker, self.storage)
         deps = tuple((path, self._mtime(path)) for group in paths for path in group)
         if len(self._worker_files) >= CACHED_RENDERINGS:
             self._worker_files.clear()
-        self._worker_files[worker] = (texts, deps)
+        self._worker_files[worker] = [texts, deps, self.clock()]
         return texts
+
+    def _plan(self, hostname):
+        """(type template, values) when the dictionary of ``hostname`` is an extends and
+        sets of literal values (nearly every lab's dictionaries): it needs no compiling
+        of its own. None for any other dictionary, compiled and rendered as it is."""
+        name = hostname + ".jinja2"
+        found = self._plans.get(name)
+        if found is not None and found[1]():
+            return found[0]
+        source = self._source(name)
+        if source is None:
+            return None  # not found: the compiling path says so
+        plan = quick_dictionary(source[0])
+        if plan is None:
+            try:
+                plan = simple_dictionary(self.environment().parse(source[0]))
+            except (jinja2.TemplateSyntaxError, RecursionError, MemoryError):
+                plan = None  # the compiling path reports it with its line
+        if len(self._plans) >= CACHED_RENDERINGS:
+            self._plans.clear()
+        self._plans[name] = (plan, source[2])
+        return plan
 
     def render(self, hostname, context=None):
         """The device configuration of ``hostname`` (a dict), for a job ``context``."""
         where = "device dictionary %s.jinja2" % hostname
         try:
-            template = self.environment().get_template(hostname + ".jinja2")
-            text = _render(template, context or {})
+            plan = self._plan(hostname)
+            if plan is not None:
+                # extends + literal sets: the type template rendered with the
+                # dictionary's values over the job's context, as jinja2 would after
+                # compiling the dictionary (its top-level sets shadow the context).
+                parent, values = plan
+                env = self.environment()
+                if env.loaded is not None:
+                    env.loaded.add(hostname + ".jinja2")
+                text = _render(env.get_template(parent), dict(context or {}, **values))
+            else:
+                template = self.environment().get_template(hostname + ".jinja2")
+                text = _render(template, context or {})
         except jinja2.TemplateNotFound as exc:
             if exc.name == hostname + ".jinja2":
                 raise JobSetupError("%s: not found under %s/devices"
@@ -322,7 +376,7 @@ class DeviceTemplates:
                 as exc:
             raise JobSetupError("%s: %s: %s" % (where, type(exc).__name__, exc)) from None
         try:
-            data = yaml_load(text)
+            data = safeyaml.load(text, max_depth=MAX_CONFIG_DEPTH)
         except (yaml.YAMLError, safeyaml.InputError) as exc:
             raise JobSetupError("%s: rendered YAML is invalid: %s"
                                 % (where, " ".join(str(exc).split()))) from None
@@ -330,6 +384,114 @@ class DeviceTemplates:
             raise JobSetupError("%s: rendered to %s, not a mapping"
                                 % (where, type(data).__name__))
         return data
+
+
+_LITERALS = (str, int, float, bool, type(None))
+
+
+def _literal(node, depth=0):
+    if depth > 32:
+        return False
+    if isinstance(node, jinja2.nodes.Const):
+        return isinstance(node.value, _LITERALS)
+    if isinstance(node, (jinja2.nodes.Neg, jinja2.nodes.Pos)):
+        return isinstance(node.node, jinja2.nodes.Const) and \
+            type(node.node.value) in (int, float)
+    if isinstance(node, (jinja2.nodes.List, jinja2.nodes.Tuple)):
+        return all(_literal(item, depth + 1) for item in node.items)
+    if isinstance(node, jinja2.nodes.Dict):
+        return all(_literal(pair.key, depth + 1) and _literal(pair.value, depth + 1)
+                   for pair in node.items)
+    return False
+
+
+def simple_dictionary(ast):
+    """(parent template name, {name: value}) of a parsed dictionary made only of one
+    ``{% extends 'CONST' %}``, ``{% set NAME = LITERAL %}`` and, after the extends, plain
+    text (which jinja2 never outputs there); None for anything else."""
+    parent, values = None, {}
+    for node in ast.body:
+        if isinstance(node, jinja2.nodes.Extends) and parent is None and \
+                isinstance(node.template, jinja2.nodes.Const) and \
+                isinstance(node.template.value, str):
+            parent = node.template.value
+        elif isinstance(node, jinja2.nodes.Assign) and \
+                isinstance(node.target, jinja2.nodes.Name) and _literal(node.node):
+            try:
+                values[node.target.name] = node.node.as_const()
+            except (TypeError, ValueError, jinja2.nodes.Impossible):
+                return None  # a list as a dict key: let jinja2 say so
+        elif isinstance(node, jinja2.nodes.Output) and parent is not None and all(
+                isinstance(part, jinja2.nodes.TemplateData) for part in node.nodes):
+            continue
+        else:
+            return None
+    return None if parent is None else (parent, values)
+
+
+# The commonest dictionaries, read without jinja2's parser (written in Python, it costs
+# more than the rendering): an extends first, then sets of a string without escapes, an
+# integer, a boolean, none, or a flat list of those, and comments. Anything else goes to
+# jinja2's parser (simple_dictionary); both give the same plan for what both read.
+_SCALAR = r"""'[^'\\\r\n]*'|"[^"\\\r\n]*"|-?(?:0|[1-9][0-9]*)(?![0-9_.eE])|(?:true|false|none|True|False|None)\b"""
+_QUICK_EXTENDS = re.compile(r"""\{%[-+]?\s*extends\s+('[^'\\\r\n]*'|"[^"\\\r\n]*")\s*-?%\}""")
+_QUICK_SET = re.compile(
+    r"\s*\{%%[-+]?\s*set\s+([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(%s|\[\s*(?:(?:%s)\s*"
+    r"(?:,\s*(?:%s)\s*)*,?\s*)?\])\s*-?%%\}" % (_SCALAR, _SCALAR, _SCALAR))
+_QUICK_COMMENT = re.compile(r"\s*\{#.*?#\}", re.S)
+_QUICK_SCALAR = re.compile(_SCALAR)
+_QUICK_CONSTANTS = {"true": True, "false": False, "none": None, "True": True,
+                    "False": False, "None": None}
+_UNASSIGNABLE = frozenset(_QUICK_CONSTANTS)
+
+
+def _quick_value(text):
+    if text[0] in "'\"":
+        return text[1:-1]
+    if text in _QUICK_CONSTANTS:
+        return _QUICK_CONSTANTS[text]
+    return int(text)
+
+
+def quick_dictionary(text):
+    """:func:`simple_dictionary`'s plan of the dictionary ``text`` when it has the
+    commonest form (see above); None when it does not (not that it is not simple)."""
+    found = _QUICK_EXTENDS.match(text)
+    if found is None:
+        return None
+    parent, values, at, end = found.group(1)[1:-1], {}, found.end(), len(text)
+    while at < end:
+        found = _QUICK_SET.match(text, at)
+        if found is not None:
+            name, value = found.group(1), found.group(2)
+            if name in _UNASSIGNABLE:
+                return None  # jinja2 refuses it: let it say so
+            if value[0] == "[":
+                values[name] = [_quick_value(item.group(0)) for item in
+                                _QUICK_SCALAR.finditer(value, 1)]
+            else:
+                values[name] = _quick_value(value)
+            at = found.end()
+            continue
+        found = _QUICK_COMMENT.match(text, at)
+        if found is not None:
+            at = found.end()
+            continue
+        if text[at:].strip():
+            return None
+        break
+    return parent, values
+
+
+def _open_quietly(path):
+    """A descriptor of ``path`` opened for reading without updating its access time
+    where the master may (it owns the file): reading a file changed since it was last
+    read is otherwise a journaled write, which waits behind the job files being created
+    on the same disk."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
+    except PermissionError:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _bounded(text, name):

@@ -74,6 +74,16 @@ def worker_event(worker):
             "state": worker.state.display, "health": worker.health.display}
 
 
+def _placeable(job, device):
+    """Whether ``job`` may be Scheduled on ``device`` now (both as read locked)."""
+    if job.state != JobState.SUBMITTED or device.state != DeviceState.IDLE:
+        return False
+    if job.requested_device_type not in (None, device.device_type):
+        return False
+    allowed = CHECKABLE_HEALTH if job.health_check else SCHEDULABLE_HEALTH
+    return device.health in allowed
+
+
 class Flow:
     """``publish(kind, data, username)`` sends an event ("testjob", "device", "worker");
     ``hook`` is the plugin manager's hook relay (or None); ``master`` is passed to hooks."""
@@ -115,12 +125,7 @@ class Flow:
         with st.transaction():
             job = st.get_job(job_id, lock=True)
             device = st.get_device(hostname, lock=True)
-            if job.state != JobState.SUBMITTED or device.state != DeviceState.IDLE:
-                return None
-            if job.requested_device_type not in (None, device.device_type):
-                return None
-            allowed = CHECKABLE_HEALTH if job.health_check else SCHEDULABLE_HEALTH
-            if device.health not in allowed:
+            if not _placeable(job, device):
                 return None
             job.state, job.actual_device, job.worker = JobState.SCHEDULED, hostname, device.worker
             st.update_job(job_id, state=job.state, actual_device=hostname, worker=device.worker)
@@ -128,6 +133,30 @@ class Flow:
             st.update_device(hostname, state=device.state, current_job=job.id)
         self._job_changed(job, JobState.SUBMITTED, device)
         return job, device
+
+    def schedule_many(self, assignments):
+        """:meth:`schedule` for a whole pass's [(job id, hostname)], in one transaction
+        of a few statements: returns [(job, device)] placed, in order, and the
+        assignments that were not possible (a job or device that moved meanwhile, a
+        device given twice). Events go out once it is committed."""
+        st = self.storage
+        placed, refused = [], []
+        with st.transaction():
+            jobs, devices = st.claim_many(assignments)
+            for job_id, hostname in assignments:
+                job, device = jobs.get(int(job_id)), devices.get(hostname)
+                if job is None or device is None or not _placeable(job, device):
+                    refused.append((job_id, hostname))
+                    continue
+                job.state, job.actual_device, job.worker = (JobState.SCHEDULED, hostname,
+                                                            device.worker)
+                device.state, device.current_job = DeviceState.RESERVED, job.id
+                placed.append((job, device))
+            st.set_scheduled([(job.id, device.hostname, device.worker)
+                              for job, device in placed])
+        for job, device in placed:
+            self._job_changed(job, JobState.SUBMITTED, device)
+        return placed, refused
 
     def schedule_dynamic(self, job_id, worker):
         """A dynamic connection (no device) -> Scheduled on ``worker``."""

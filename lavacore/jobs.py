@@ -162,7 +162,16 @@ def prepare(storage, hook, master, text, submitter, now, health_check=False, con
     if master is not None:
         config = master.config
     check_common(doc, context_variables(config), strict)
+    written = {where: name for where, name in _requested_types(doc.data)}
     _resolve_aliases(storage, doc.data)
+    if policy is not None:
+        for where, name in _requested_types(doc.data):
+            if not policy.can_view_type(name):
+                # A type the submitter may not see does not exist for them: the error
+                # of an unknown name (the one they wrote, not what an alias gave),
+                # before anything tells it exists (its devices, their tags).
+                raise doc.error_at(list(where) + ["device_type"], "unknown device type %r"
+                                   % written.get(where, name))
     problems = []
     if hook is not None:
         for found in hook.validate_job(master=master, definition=doc.data, submitter=submitter):
@@ -187,6 +196,18 @@ def prepare(storage, hook, master, text, submitter, now, health_check=False, con
             raise JobForbidden("Permission denied: you may not submit jobs to device type"
                                " %r" % record.requested_device_type, "device_type")
     return records
+
+
+def _requested_types(data):
+    """(path of the mapping, device type name) of a definition and of its MultiNode
+    roles."""
+    places = [((), data)]
+    roles = ((data.get("protocols") or {}).get("lava-multinode") or {}).get("roles")
+    if isinstance(roles, dict):
+        places += [(("protocols", "lava-multinode", "roles", name), role)
+                   for name, role in roles.items()]
+    return [(where, holder["device_type"]) for where, holder in places
+            if isinstance(holder, dict) and isinstance(holder.get("device_type"), str)]
 
 
 def _resolve_aliases(storage, data):

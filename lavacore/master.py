@@ -16,7 +16,7 @@ import gevent.subprocess
 import zmq.green as zmq
 
 from . import config as config_mod
-from . import devices, health, logsetup, plugins, protocol, sdnotify
+from . import devices, health, logsetup, plugins, present, protocol, sdnotify
 from .clock import Clock
 from .config import ConfigError
 from . import flow as flow_mod
@@ -359,6 +359,10 @@ class Master:
             previous = before.pop(item.hostname, None)
             if previous != item:
                 self._apply_device(item, previous, relisted=previous is None)
+                if self.templates.dictionary(item.hostname) is None:
+                    log.warning("device %s has no dictionary (%s/devices/%s.jinja2, or set"
+                                " through the API): its jobs cannot start", item.hostname,
+                                self.templates.root, item.hostname)
         for hostname in sorted(before):
             self._pending_devices.pop(hostname, None)
             self._retire_device(hostname)
@@ -379,8 +383,9 @@ class Master:
                 health=DeviceHealth.parse(item.health), tags=item.tags,
                 is_public=item.public))
             if not start:
-                log.info("device %s added from config.toml: type %s, worker %s, health %s",
-                         item.hostname, item.device_type, item.worker, item.health)
+                log.info("device %s added from %s: type %s, worker %s, health %s",
+                         item.hostname, self.config.path, item.device_type, item.worker,
+                         item.health)
                 self.events.publish("device", flow_mod.device_event(
                     self.storage.get_device(item.hostname)), CONFIG_USER)
             return
@@ -388,7 +393,7 @@ class Master:
         self.storage.add_worker(Worker(item.worker))
         changes = self._update_device(item)
         if changes:
-            log.info("device %s changed in config.toml%s: %s", item.hostname,
+            log.info("device %s changed in %s%s: %s", item.hostname, self.config.path,
                      " since the last start" if start else "", "; ".join(changes))
             self.events.publish("device", flow_mod.device_event(
                 self.storage.get_device(item.hostname)), CONFIG_USER)
@@ -410,18 +415,20 @@ class Master:
             fields = {}
             if tuple(device.tags) != tuple(sorted(item.tags)):
                 fields["tags"] = item.tags
-                changes.append("tags %s -> %s" % (list(device.tags), sorted(item.tags)))
+                changes.append("tags %s -> %s" % (present.value_text(list(device.tags)),
+                                                  present.value_text(sorted(item.tags))))
             if device.is_public != item.public:
                 fields["is_public"] = item.public
-                changes.append("public %s -> %s" % (device.is_public, item.public))
+                changes.append("public %s -> %s" % (present.value_text(device.is_public),
+                                                    present.value_text(item.public)))
             moves = [(key, getattr(device, key), getattr(item, key))
                      for key in ("device_type", "worker")
                      if getattr(device, key) != getattr(item, key)]
             if moves and device.state != DeviceState.IDLE:
                 self._pending_devices[item.hostname] = item
-                log.info("device %s runs job %s: its %s changed in config.toml, applied once"
-                         " it is idle", item.hostname, device.current_job,
-                         " and ".join(key for key, _, _ in moves))
+                log.info("device %s runs job %s: its %s changed in %s, applied once it is"
+                         " idle", item.hostname, device.current_job,
+                         " and ".join(key for key, _, _ in moves), self.config.path)
             elif moves:
                 self._pending_devices.pop(item.hostname, None)
                 for key, old, new in moves:
@@ -439,12 +446,12 @@ class Master:
         try:
             changes = self._update_device(item)
         except (NotFound, StorageError) as exc:
-            log.error("device %s: cannot apply its change from config.toml: %s", hostname,
-                      exc)
+            log.error("device %s: cannot apply its change from %s: %s", hostname,
+                      self.config.path, exc)
             return
         if changes:
-            log.info("device %s changed in config.toml, applied now that it is idle: %s",
-                     hostname, "; ".join(changes))
+            log.info("device %s changed in %s, applied now that it is idle: %s",
+                     hostname, self.config.path, "; ".join(changes))
             self.events.publish("device", flow_mod.device_event(
                 self.storage.get_device(hostname)), CONFIG_USER)
 
@@ -536,11 +543,13 @@ class Master:
             if data.get("state") == "Idle" and data.get("health") in ("Good", "Unknown",
                                                                        "Looping"):
                 self.scheduler.wake()
+        elif kind == "wake":  # another process changed what the scheduler reads
+            self.scheduler.wake()
         elif kind == "permissions":  # changed by another process (the command line)
             self.permissions_changed()
         elif kind in ("worker", "reload", "resync"):
             # resync: the notification channel reconnected and may have missed changes.
-            if kind == "reload":
+            if kind in ("reload", "resync"):  # a resync may have missed a "reload"
                 self.templates.reload()
             self.scheduler.wake(full=kind == "resync")
 
@@ -611,16 +620,14 @@ class Master:
                 assignments = self.hook.schedule(master=self, queue=view) or []
                 # One transaction: a multinode group is never seen half claimed, even on a
                 # database whose calls yield to other greenlets and processes.
-                with self.storage.transaction():
-                    for job_id, hostname in assignments:
-                        result = self.flow.schedule(job_id, hostname)
-                        if result is None:
-                            log.warning("[job %s] the scheduler placed it on %s, which is"
-                                        " not possible now; skipped", job_id, hostname)
-                            continue
-                        log.info("[job %d] Scheduled on %s (worker %s)", job_id, hostname,
-                                 result[1].worker)
-                        placed.append(result)
+                scheduled, refused = self.flow.schedule_many(list(assignments))
+                for job_id, hostname in refused:
+                    log.warning("[job %s] the scheduler placed it on %s, which is not"
+                                " possible now; skipped", job_id, hostname)
+                for job, device in scheduled:
+                    log.info("[job %d] Scheduled on %s (worker %s)", job.id, device.hostname,
+                             device.worker)
+                placed += scheduled
             for count, (job, device) in enumerate(placed, 1):
                 self.start_job(job, device)
                 if count % START_BATCH == 0:
@@ -647,6 +654,7 @@ class Master:
             messages = self.hook.start_job(master=self, job=job, device=device)
         except devices.JobSetupError as exc:
             self.fail_job_setup(job, str(exc))
+            self._check_device_configuration(device)
             return
         except StorageError as exc:  # the database, not the job: START is resent later
             self.storage_fault("START of job %d, resent by the next full pass" % job.id, exc)
@@ -660,6 +668,27 @@ class Master:
             owner = job if message.job_id == job.id else self.storage.get_job(message.job_id)
             self.files.write_start(owner, message.files())
             self.send_start(message.worker, owner, message.frames())
+
+    def _check_device_configuration(self, device):
+        """After a job failed to start on ``device``: if the device's configuration
+        cannot be made even without a job context (its dictionary missing or broken, its
+        type template broken), no job can run there: it is made Bad, with the reason,
+        instead of taking and failing every job (an administrator fixes the file and sets
+        it Good again). A job whose own context broke the rendering leaves it alone."""
+        if device is None or len(self.hook.device_config.get_hookimpls()) != 1:
+            return
+        try:
+            self.templates.render_text(device.hostname, {})
+            return
+        except devices.JobSetupError as exc:
+            reason = "its configuration cannot be made: %s" % exc
+        try:
+            if self.storage.get_device(device.hostname).health not in (
+                    DeviceHealth.BAD, DeviceHealth.MAINTENANCE, DeviceHealth.RETIRED):
+                health.set_device_health(self, device.hostname, DeviceHealth.BAD,
+                                         "lava-health", reason)
+        except (NotFound, StorageError) as exc:
+            log.error("device %s: cannot set it Bad (%s): %s", device.hostname, reason, exc)
 
     def send_start(self, worker, job, texts):
         if worker not in self.controller.seen:

@@ -15,12 +15,15 @@ ignored, and the master says so in its log.
 
 import importlib
 import importlib.metadata
+import logging
 
 import pluggy
 
 from . import builtin, hookspecs
 from . import config as config_mod
 from .config import ConfigError
+
+log = logging.getLogger("lavacore.plugins")
 
 GROUP = "lavacore.plugins"
 TABLES = "LAVACORE_TABLES"
@@ -99,6 +102,11 @@ def build(config):
             module = importlib.import_module(path)
         except Exception as exc:
             raise ConfigError("[plugins] modules: cannot import %r: %s" % (path, exc)) from None
+        if pm.is_registered(module):
+            # Installed (an entry point) and listed too: loaded once.
+            log.info("[plugins] modules: %s is already loaded as plugin %s", path,
+                     pm.get_name(module))
+            continue
         pm.register(module, name=path)
         declare(path, module)
     unknown = disabled - known

@@ -27,10 +27,13 @@ DEVICE_FIELDS = ("hostname", "device_type", "worker", "state", "health", "tags",
 # -- values as text ---------------------------------------------------------------------
 
 def value_text(value):
-    """One value as text: ``-`` for nothing (None, "", an empty list), a list joined with
-    commas, a mapping as ``key: value`` pairs joined with commas."""
+    """One value as text: ``-`` for nothing (None, "", an empty list), yes or no for a
+    boolean, a list joined with commas, a mapping as ``key: value`` pairs joined with
+    commas."""
     if value is None or value == "" or value == [] or value == () or value == {}:
         return "-"
+    if value is True or value is False:
+        return "yes" if value else "no"
     if isinstance(value, (list, tuple)):
         return ", ".join(value_text(item) for item in value)
     if isinstance(value, dict):

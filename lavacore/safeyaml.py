@@ -37,6 +37,8 @@ def check(text, max_depth=MAX_DEPTH, max_nodes=MAX_NODES):
     more than ``max_nodes`` nodes; yaml.YAMLError if it does not parse."""
     if len(text) < max_depth and "*" not in text:
         return  # each level needs a character: too short to be deep, and no aliases
+    if "*" not in text and len(text) <= max_nodes and depth_bound(text) <= max_depth:
+        return  # no aliases, too few characters for too many nodes, and not too deep
     anchors = {}  # anchor -> nodes of its tree, aliases expanded
     stack = []    # (anchor, nodes counted before it) of each open collection
     nodes = 0
@@ -61,6 +63,18 @@ def check(text, max_depth=MAX_DEPTH, max_nodes=MAX_NODES):
             continue
         if nodes > max_nodes:
             raise InputError("more than %d nodes once its aliases are expanded" % max_nodes)
+
+
+def depth_bound(text):
+    """A number no smaller than how deep the YAML ``text`` nests, from string counts
+    that cost microseconds (the event walk of :func:`check` costs as much as the
+    parse): each ``[`` or ``{`` may open a flow level, wherever it is; block levels
+    need indentation or an indicator, two levels per column at most (a sequence may
+    share its key's column) and one per indicator (``- - x``), so a line of n
+    characters nests at most 3n + 2 levels (other line breaks than newlines only make
+    a line longer). Loose: a deep text is always caught, a shallow one with long
+    lines is walked."""
+    return text.count("[") + text.count("{") + 3 * max(map(len, text.split("\n"))) + 2
 
 
 def load(text, max_depth=MAX_DEPTH, max_nodes=MAX_NODES):

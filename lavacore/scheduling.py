@@ -17,13 +17,21 @@ class SchedulingView:
     spread over a type's devices instead of always landing on the first (LAVA 2019.01+).
     ``jobs(device_type)`` yields queued jobs page by page, so a pass over a long queue only
     reads as far as it needs to.
+
+    ``candidates(device_type, devices)`` reads the queue as streams, one per queued tag
+    set that one of the devices carries. The first call of a pass reads the head of every
+    such stream of every type at once (as many jobs as the stream has fitting devices:
+    a pass cannot place more), so a pass costs a fixed few statements whatever the number
+    of types and tag sets: the devices, the tag sets, the heads. A stream is read further
+    only when a pass gets past its head, and only while a device it fits is still free.
     """
 
     def __init__(self, storage, rng=None, healths=SCHEDULABLE_HEALTH, exclude=()):
         self.storage = storage
         self.rng = rng or random.Random()
         self._by_type = {}
-        self._tag_sets = None  # {type: queued tag sets}, read once per pass when needed
+        self._tag_sets = None  # {type: [(JSON text, frozenset)]} of queued jobs, per pass
+        self._heads = None  # {(type, JSON text): (jobs, how many were asked)}, per pass
         excluded = set(exclude)
         for device in storage.available_devices(healths):
             if device.hostname not in excluded:
@@ -47,30 +55,59 @@ class SchedulingView:
     def candidates(self, device_type, devices=None):
         """The queued jobs of ``device_type`` that fit at least one of ``devices`` (by
         default, this pass's available ones), in queue order. Jobs whose tags no device
-        carries are never read, so a long queue of unplaceable jobs costs nothing."""
+        carries are never read, so a long queue of unplaceable jobs costs nothing.
+
+        ``devices`` may be the caller's own list of free devices, shrinking as it places
+        jobs: a stream is not read past its first page once none of them carries its tags
+        (its jobs could not be placed anyway)."""
         devices = self.devices(device_type) if devices is None else devices
+        if self._heads is None:
+            self._read_heads(device_type, devices)
         carried = [frozenset(d.tags) for d in devices]
         streams = []
-        if self._tag_sets is None:
-            self._tag_sets = self.storage.queued_tag_sets_by_type()
-        for text in self._tag_sets.get(device_type, ()):
-            wanted = set(json.loads(text) if text else ())
+        for text, wanted in self._streams(device_type):
             fitting = sum(1 for tags in carried if wanted <= tags)
             if fitting:
-                # A pass places at most one job per fitting device: read about that many.
-                streams.append(self._tagged(device_type, text, fitting))
+                streams.append(self._stream(device_type, text, wanted, fitting, devices))
         return heapq.merge(*streams, key=queue_rank)
 
-    def _tagged(self, device_type, tags, page):
-        offset = 0
-        while True:
-            jobs = self.storage.queued_jobs_tagged(device_type, tags, limit=page,
+    def _streams(self, device_type):
+        if self._tag_sets is None:
+            self._tag_sets = {
+                kind: [(text, frozenset(json.loads(text) if text else ())) for text in texts]
+                for kind, texts in self.storage.queued_tag_sets_by_type().items()}
+        return self._tag_sets.get(device_type, ())
+
+    def _read_heads(self, device_type, devices):
+        """The head of every stream of every type with devices, in one storage call."""
+        wanted = []
+        for kind in dict.fromkeys(self.device_types() + [device_type]):
+            carried = [frozenset(d.tags) for d in
+                       (devices if kind == device_type else self._by_type[kind])]
+            for text, tags in self._streams(kind):
+                fitting = sum(1 for have in carried if tags <= have)
+                if fitting:
+                    wanted.append((kind, text, fitting))
+        heads = self.storage.queued_stream_heads(wanted)
+        self._heads = {(kind, text): (heads.get((kind, text), []), size)
+                       for kind, text, size in wanted}
+
+    def _stream(self, device_type, text, wanted, size, devices):
+        jobs, asked = self._heads.get((device_type, text), ((), 0))
+        if asked < size:  # read before the caller's devices were known: read again
+            jobs, asked = self.storage.queued_jobs_tagged(device_type, text, size), size
+        yield from jobs
+        if len(jobs) < asked:
+            return  # the stream ended within its head
+        offset, page = len(jobs), asked
+        while any(wanted <= frozenset(d.tags) for d in devices):
+            page = min(page * 2, PAGE)
+            jobs = self.storage.queued_jobs_tagged(device_type, text, limit=page,
                                                    offset=offset)
             yield from jobs
             if len(jobs) < page:
                 return
             offset += page
-            page = min(page * 2, PAGE)
 
     def jobs(self, device_type):
         offset = 0

@@ -431,6 +431,8 @@ def test_rest_lists_filter_and_page_and_admin_changes(api):
                          ("/api/v1/devices/qemu01%27%20OR%20%271%27=%271/", 400),
                          ("/api/v1/workers/..%2Fetc/config/", 404)):
         assert lab.http("GET", path)[0] == status, path
+    status, _, body = lab.http("GET", "/api/v1/jobs/?offset=99999999999999999999999")
+    assert status == 400 and b"out of range" in body
     assert lab.http("DELETE", "/api/v1/jobs/")[0] == 405
     assert lab.http("POST", "/api/v1/jobs/", {"definition": job_yaml()})[0] == 401
     refused = lab.json("POST", "/api/v1/jobs/", {"definition": "priority: [\n"}, user="admin",

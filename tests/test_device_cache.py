@@ -7,6 +7,8 @@ import os
 import types
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lavacore import devices
 from lavacore.config import load
@@ -104,7 +106,7 @@ def test_the_cache_is_bounded(lab, monkeypatch):
     for i in range(10):
         lab.templates.render_text("board01", {"n": i})
     assert len(lab.templates._rendered) == 3
-    assert lab.templates._rendered_chars == sum(len(t) for t, _ in
+    assert lab.templates._rendered_chars == sum(len(entry[0]) for entry in
                                                 lab.templates._rendered.values())
 
 
@@ -156,3 +158,110 @@ def test_a_dictionary_set_through_the_api_applies_to_the_next_start(api):
     lab.master.templates.worker_files(lab.master.config, "worker1")
     admin.scheduler.workers.set_env("worker1", "overrides:\n  FROM_API: 'yes'\n")
     assert "FROM_API" in lab.master.templates.worker_files(lab.master.config, "worker1")[1]
+
+
+# -- dictionaries rendered without compiling them -----------------------------------------
+
+# A type template showing every value a dictionary may set, one it defaults itself, a
+# block, and a job context key.
+SHOWN = ("a", "b", "c", "memory")
+PARENT = """{% set c = c | default('type-default') %}
+device_type: board
+{% block values %}
+{% for shown in [a|default('unset'), b|default('unset'), c, memory|default(512)] %}
+- {{ shown | tojson }}
+{% endfor %}
+{% endblock %}
+"""
+
+_strings = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\\"),
+                   max_size=6)
+_scalars = st.one_of(
+    _strings.map(lambda t: "'%s'" % t.replace("'", "")),
+    _strings.map(lambda t: '"%s"' % t.replace('"', "")),
+    st.integers(-10**6, 10**6).map(str), st.sampled_from(
+        ["01", "1_000", "1.5", "-2.5e3", "true", "False", "none", "None", "'a\\nb'",
+         "'x' ~ 'y'", "memory * 2", "[1, [2, 3]]", "{'k': 'v'}", "(1, 'two')", "[]",
+         "[1, 'x', none,]", "undefined_name", "1/0", "'é'", "'%}'"]))
+_names = st.sampled_from(list(SHOWN) + ["true", "loop", "x1"])
+_statements = st.one_of(
+    st.tuples(_names, _scalars).map(lambda p: "{%% set %s = %s %%}" % p),
+    st.tuples(_names, _scalars).map(lambda p: "{%%- set %s=%s -%%}" % p),
+    st.sampled_from(["{# a comment #}", "\n", "  ", "text after extends",
+                     "{{ a }}", "{% block values %}overridden{% endblock %}",
+                     "{% if true %}{% set a = 1 %}{% endif %}", "{% set a, b = 1, 2 %}"]))
+_dictionaries = st.tuples(
+    st.sampled_from(["", " ", "{% set a = 'before' %}", "\n"]),
+    st.sampled_from(["{% extends 'parent.jinja2' %}", "{%- extends \"parent.jinja2\" -%}",
+                     "{% extends 'missing.jinja2' %}", ""]),
+    st.lists(_statements, max_size=6)).map(lambda p: p[0] + p[1] + "\n".join(p[2]) + "\n")
+
+
+def _reference(root, hostname, context):
+    """What jinja2 makes of the dictionary compiled as it is (the sandbox, the template
+    directories), parsed as YAML; or the exception's type."""
+    import jinja2
+    import jinja2.sandbox
+    import yaml
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        loader=jinja2.FileSystemLoader([os.path.join(root, "devices"),
+                                        os.path.join(root, "device-types")]),
+        trim_blocks=True, autoescape=False)
+    try:
+        return yaml.safe_load(env.get_template(hostname + ".jinja2").render(**context))
+    except Exception as exc:
+        return type(exc).__name__
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=_dictionaries, memory=st.sampled_from([None, 1024, "big"]))
+def test_dictionaries_render_as_jinja2_compiles_them(lab, text, memory):
+    """Dictionaries of only an extends and literal sets are rendered without compiling
+    them (the commonest form read without even jinja2's parser); whatever the
+    dictionary, the configuration is the one jinja2 makes of it compiled, and a
+    dictionary jinja2 cannot render fails the job."""
+    with open(os.path.join(lab.root, "device-types", "parent.jinja2"), "w") as handle:
+        handle.write(PARENT)
+    with open(os.path.join(lab.root, "devices", "gen01.jinja2"), "w") as handle:
+        handle.write(text)
+    context = {} if memory is None else {"memory": memory}
+    lab.templates.reload()
+    expected = _reference(lab.root, "gen01", context)
+    try:
+        got = lab.templates.render("gen01", context)
+    except devices.JobSetupError as exc:
+        assert isinstance(expected, str) or not isinstance(expected, dict), (text, exc)
+        return
+    assert got == expected, text
+    quick = devices.quick_dictionary(text)
+    if quick is not None:  # the quick reading agrees with jinja2's parser
+        assert quick == devices.simple_dictionary(lab.templates.environment().parse(text))
+
+
+def test_the_usual_dictionary_is_not_compiled(lab):
+    text = ("{% extends 'board.jinja2' %}\n{% set board_name = 'b2' %}\n"
+            "{% set connection_command = 'telnet ser2net 7002' %}\n"
+            "{% set tags = ['usb', 'hdmi'] %}\n{# rack 4 #}\n")
+    with open(os.path.join(lab.root, "devices", "board02.jinja2"), "w") as handle:
+        handle.write(text)
+    assert devices.quick_dictionary(text) == ("board.jinja2", {
+        "board_name": "b2", "connection_command": "telnet ser2net 7002",
+        "tags": ["usb", "hdmi"]})
+    assert "board_name: b2" in lab.templates.render_text("board02", {})
+    compiled = [key[1] for key in lab.templates.environment().cache.keys()]
+    assert "board.jinja2" in compiled and "board02.jinja2" not in compiled
+
+
+@pytest.mark.parametrize("definition, context", [
+    ("job_name: plain\nactions: []\n", {}),
+    ("job_name: a context\ncontext:\n  memory: 2048\n", {"memory": 2048}),
+    ('job_name: escaped\n"con\\x74ext": {arch: arm64}\n', {"arch": "arm64"}),
+    ("job_name: says context in a value\nactions: []\n", {}),
+    ("- not a mapping\n", {}),
+])
+def test_the_job_context_read_for_start(definition, context):
+    from lavacore.builtin import job_context
+
+    assert job_context(definition) == context

@@ -232,3 +232,39 @@ def test_health_cli_history_and_events(lab):
     assert done.returncode == 0
     assert lab.storage.get_device("qemu01").health == DeviceHealth.RETIRED
     sub.close()
+
+
+def test_a_device_whose_configuration_cannot_be_made_is_bad_not_a_job_sink(lab):
+    """Without its dictionary a device could take and fail every job (no health check
+    would stop it): the first job fails with the reason and the device goes Bad. A job
+    whose own context breaks the rendering fails alone; the device stays Good."""
+    lab = lab()
+    worker = lab.worker()
+    dictionary = lab.tmp_path / "etc" / "dispatcher-config" / "devices" / "qemu01.jinja2"
+    text = dictionary.read_text()
+    # The job's context makes the template fail (a type template refusing a value).
+    (lab.tmp_path / "etc" / "dispatcher-config" / "device-types" / "strict.jinja2"
+     ).write_text("{% if memory is defined and memory > 4096 %}{{ 1 / 0 }}{% endif %}\n"
+                  "device_type: qemu\n")
+    dictionary.write_text("{% extends 'strict.jinja2' %}\n")
+    lab.master.templates.reload()
+    job = lab.submit(job_yaml("qemu", extra="context:\n  memory: 8192\n"))
+    lab.wait_for(lambda: lab.job(job).state == JobState.FINISHED, what="job failed")
+    assert lab.job(job).health == JobHealth.INCOMPLETE
+    assert lab.storage.get_device("qemu01").health != DeviceHealth.BAD
+    # The dictionary gone: Bad, with why.
+    dictionary.unlink()
+    lab.master.templates.reload()
+    job = lab.submit()
+    lab.wait_for(lambda: lab.job(job).state == JobState.FINISHED, what="job failed")
+    assert "qemu01.jinja2: not found" in lab.job(job).failure_comment
+    lab.wait_for(lambda: lab.storage.get_device("qemu01").health == DeviceHealth.BAD,
+                 what="device Bad")
+    entry = lab.storage.list_history("device", "qemu01")[0]
+    assert entry["user"] == "lava-health"
+    assert entry["reason"].startswith("its configuration cannot be made: device dictionary")
+    waiting = lab.submit()
+    dictionary.write_text(text)
+    lab.master.templates.reload()
+    run_cli(lab.config_path, "devices", "set-health", "qemu01", "Good")
+    assert int(worker.expect("START")[1]) == waiting

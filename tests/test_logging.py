@@ -155,7 +155,8 @@ def test_the_worker_logs_its_jobs_start_and_end_in_its_log_file(tmp_path, master
     worker = subprocess.Popen(
         [sys.executable, "-m", "lavacore.cli", "worker", "--master", master.controller,
          "--logs", master.logs, "--hostname", "worker01", "--work-dir",
-         str(tmp_path / "work"), "--log-file", str(log_path), "--hello-retry", "0.2",
+         str(tmp_path / "work"), "--log-file", str(log_path), "--log-level", "info",
+         "--hello-retry", "0.2",
          "--job-check", "0.2", "--poll-timeout", "0.5"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -194,9 +194,12 @@ def test_a_device_type_restricted_to_a_group(api, tmp_path):
     assert [d["hostname"] for d in alice.scheduler.devices.list()] == ["qemu01"]
     assert lab.json("GET", "/api/v1/device-types/", user="alice")["count"] == 1
     assert lab.http("GET", "/api/v1/devices/bbb01/", user="alice")[0] == 404
-    # And refuses her jobs with a 403 naming nothing she may not see.
+    # And for her a job asking for it asks for a type that does not exist: the same
+    # answer as for a name nobody uses, so submissions cannot probe for hidden types.
     refused = fault(alice.scheduler.jobs.submit, job_yaml(device_type="bbb"))
-    assert refused.faultCode == 403
+    unknown = fault(alice.scheduler.jobs.submit, job_yaml(device_type="nosuch"))
+    assert refused.faultCode == unknown.faultCode
+    assert refused.faultString == unknown.faultString.replace("nosuch", "bbb")
     assert "bbb-team" not in refused.faultString and "bbb01" not in refused.faultString
     assert lab.storage.count_jobs() == 0
     # Its group's members see it and submit to it.
@@ -223,6 +226,11 @@ def test_a_device_type_restricted_to_a_group(api, tmp_path):
     aliased = dora.scheduler.jobs.submit(job_yaml(device_type="cubie"))
     assert lab.job(aliased).requested_device_type == "bbb"
     assert fault(alice.scheduler.jobs.submit, job_yaml(device_type="cubie")).faultCode == 403
+    # Hidden again: the alias a job names is unknown to her, and the type not named.
+    admin.scheduler.device_types.perms_add("bbb", "bbb-team", "view_devicetype")
+    aliased = fault(alice.scheduler.jobs.submit, job_yaml(device_type="cubie"))
+    assert "unknown device type 'cubie'" in aliased.faultString
+    assert "bbb" not in aliased.faultString
 
 
 def _personal(text):

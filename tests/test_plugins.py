@@ -35,6 +35,13 @@ def test_disable_and_unknown_names(tmp_path):
         plugins.build(_config(tmp_path, '[plugins]\ndisable = ["nosuch"]\n'))
 
 
+def test_an_installed_plugin_listed_in_modules_too_is_loaded_once(tmp_path):
+    pm = plugins.build(_config(tmp_path, '[plugins]\nmodules = ["lavacore_plugins.metrics"]\n'))
+    names = [name for name, plugin in pm.list_name_plugin()
+             if getattr(plugin, "__name__", "") == "lavacore_plugins.metrics"]
+    assert names == ["metrics"]
+
+
 def test_misspelled_hook_is_an_error(tmp_path, monkeypatch):
     module = tmp_path / "typo_plugin.py"
     module.write_text(textwrap.dedent("""

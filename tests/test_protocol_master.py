@@ -26,6 +26,9 @@ def test_hello_retry_and_2020_version_frame_accepted(lab):
     worker = lab.worker("worker1", connect=False)
     worker.send("HELLO_RETRY", "3", "2020.04")
     assert worker.recv() == [b"HELLO_OK"]
+    # The version it gave is what `workers show` and the API report.
+    lab.wait_for(lambda: lab.storage.get_worker("worker1").version == "2020.04",
+                 what="the worker's version stored")
 
 
 def test_version_mismatch_gets_no_answer(lab, caplog):

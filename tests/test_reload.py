@@ -57,9 +57,9 @@ def test_sighup_adds_changes_and_retires_devices(lab, caplog):
     assert (added.device_type, added.worker, added.health) == ("qemu", "worker1",
                                                                DeviceHealth.GOOD)
     assert lab.storage.get_device("qemu01").tags == ("usb",)
-    assert "device qemu02 added from config.toml: type qemu, worker worker1, health Good" \
-        in caplog.text
-    assert "device qemu01 changed in config.toml: tags [] -> ['usb']" in caplog.text
+    assert "device qemu02 added from %s: type qemu, worker worker1, health Good" \
+        % lab.config_path in caplog.text
+    assert "device qemu01 changed in %s: tags - -> usb" % lab.config_path in caplog.text
     # The new device takes jobs at once.
     first, second = lab.submit(), lab.submit()
     started = {int(worker.expect("START")[1]), int(worker.expect("START")[1])}
@@ -104,16 +104,16 @@ def test_a_busy_device_keeps_its_type_and_worker_until_its_job_ends(lab, caplog)
     device = lab.storage.get_device("qemu01")
     assert (device.device_type, device.worker, device.state) == ("qemu", "worker1",
                                                                  DeviceState.RUNNING)
-    assert "device qemu01 runs job %d: its device_type and worker changed in config.toml,"\
-        " applied once it is idle" % job_id in caplog.text
+    assert "device qemu01 runs job %d: its device_type and worker changed in %s,"\
+        " applied once it is idle" % (job_id, lab.config_path) in caplog.text
     worker.log(job_id, result_line("lava", "job", "pass"))
     worker.end(job_id)
     worker.expect("END_OK")
     lab.wait_for(lambda: lab.storage.get_device("qemu01").device_type == "bbb",
                  what="the change applied once idle")
     assert lab.storage.get_device("qemu01").worker == "worker2"
-    assert "device qemu01 changed in config.toml, applied now that it is idle:" \
-        " device_type qemu -> bbb; worker worker1 -> worker2" in caplog.text
+    assert "device qemu01 changed in %s, applied now that it is idle:" \
+        " device_type qemu -> bbb; worker worker1 -> worker2" % lab.config_path in caplog.text
     assert lab.job(job_id).health == JobHealth.COMPLETE
 
 

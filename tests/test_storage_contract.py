@@ -223,6 +223,30 @@ def test_insert_and_get_jobs_round_trip(storage):
         storage.get_job(999999)
 
 
+def test_a_pass_claims_and_places_many_jobs_at_once(storage):
+    """claim_many reads what a pass decided on, locked, in a few statements (more than
+    one chunk here); set_scheduled writes every placement in a few more."""
+    devices = ["dev%04d" % i for i in range(620)]
+    for hostname in devices:
+        online_device(storage, hostname, "qemu", "w1")
+    ids = storage.insert_jobs([job() for _ in devices])
+    pairs = list(zip(ids, devices)) + [(999999, "dev0000"), (ids[0], "nosuch")]
+    with storage.transaction():
+        jobs, found = storage.claim_many(pairs)
+        assert sorted(jobs) == ids and sorted(found) == devices
+        assert jobs[ids[7]] == storage.get_job(ids[7])
+        assert found["dev0007"] == storage.get_device("dev0007")
+        storage.set_scheduled([(job_id, hostname, "w1")
+                               for job_id, hostname in zip(ids, devices)])
+    for index in (0, 499, 500, 619):
+        placed = storage.get_job(ids[index])
+        assert (placed.state, placed.actual_device, placed.worker) == (
+            JobState.SCHEDULED, devices[index], "w1")
+        device = storage.get_device(devices[index])
+        assert (device.state, device.current_job) == (DeviceState.RESERVED, ids[index])
+    assert storage.count_jobs(state=JobState.SCHEDULED) == 620
+
+
 def test_insert_many_jobs_keeps_order(storage):
     jobs = [job(priority=i % 100, description="job %d" % i) for i in range(1203)]
     ids = storage.insert_jobs(jobs)
@@ -362,6 +386,7 @@ def test_history(storage):
 
 
 def test_blobs(storage):
+    assert storage.blob_names() == set()
     assert storage.get_blob("health-check", "qemu") is None
     storage.set_blob("health-check", "qemu", "one")
     storage.set_blob("health-check", "qemu", "two")
@@ -370,6 +395,7 @@ def test_blobs(storage):
     storage.set_blob("health-check", "qemu", None)
     assert storage.get_blob("health-check", "qemu") is None
     assert storage.get_blob("device", "qemu") == "other"
+    assert storage.blob_names() == {("device", "qemu")}
 
 
 # -- transactions ---------------------------------------------------------------------------

@@ -340,3 +340,43 @@ def test_a_big_log_is_paged_and_linked_by_line(api, browser):
     assert browser.script("return location.hash") == "#L600"
     client = Client(lab)
     assert client.get("/jobs/%d?log_start=1500" % job_id).status == 200
+
+
+def test_a_link_from_another_site_opens_a_private_job_logged_in(api, browser):
+    """A logged-in user who follows a link to a private job from another site (a CI
+    dashboard, a mail) sees the job, not "not found" (the session cookie is Lax)."""
+    lab = api()
+    private = lab.submit(job_yaml(name="alice only").replace(
+        "visibility: public", "visibility: personal"), user="alice")
+    browser.login("alice", lab.token("alice"))
+    target = "%s/jobs/%d" % (lab.url, private)
+    elsewhere = "data:text/html,<title>dashboard</title><a id=go href='%s'>job</a>" % target
+    browser.call(browser.driver.get, elsewhere)
+    browser.click("#go")
+    browser.wait_page("/jobs/%d" % private)
+    assert browser.text("#job-name") == "alice only"
+    browser.screenshot("private-from-another-site")
+    browser.logout()
+
+
+def test_lines_of_an_unknown_level_hide_and_control_characters_show(api, browser):
+    lab = api()
+    worker = lab.worker()
+    job_id = lab.submit()
+    run_job(lab, worker, job_id, [make_line("info", "an info line"),
+                                  make_line("weird", "a line of a level nobody knows"),
+                                  make_line("target", "nul\x00 esc\x1b[31m red")])
+    browser.open("/jobs/%d" % job_id)
+    assert browser.text("#L2 .lv") == "other"
+    assert browser.text("#L3 .msg") == "nul\u2400 esc\u241b[31m red"
+
+    def shown(css):
+        return browser.call(lambda: browser.driver.find_element(
+            "css selector", css).is_displayed())
+
+    assert shown("#L2") and shown("#L1")
+    browser.click('input[data-level="other"]')
+    assert not shown("#L2") and shown("#L1")
+    browser.click('input[data-level="other"]')
+    assert shown("#L2")
+    assert not browser.console_errors()

@@ -12,7 +12,7 @@ import urllib.parse
 import pytest
 import yaml
 
-from apiutil import api_labs, in_thread, run_job
+from apiutil import api_config, api_labs, in_thread, run_job, wait_for
 from conftest import job_yaml
 from lavacore.logformat import make_line, result_line
 from lavacore.models import Job
@@ -293,8 +293,12 @@ def test_a_session_lasts_only_while_its_token_and_user_are_good(api):
     assert answer.header("Location") == "/"
     cookie = [c for c in answer.cookies() if c.startswith(session.SESSION_COOKIE)][0]
     attributes = [part.strip() for part in cookie.split(";")]
-    assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= set(attributes)
+    # Lax: a link from another site (a CI dashboard, a mail) opens the page logged in.
+    assert {"HttpOnly", "SameSite=Lax", "Path=/"} <= set(attributes)
     assert "Secure" not in attributes
+    csrf = [c for c in Client(lab).get("/login").cookies()
+            if c.startswith(session.CSRF_COOKIE)][0]
+    assert {"HttpOnly", "SameSite=Lax", "Path=/"} <= {p.strip() for p in csrf.split(";")}
     assert 0 < int([a for a in attributes if a.startswith("Max-Age=")][0][8:]) <= 12 * 3600
     assert client.get("/jobs/%d" % private).status == 200
     assert '<span class="user" id="user">alice</span>' in client.get("/").text
@@ -353,7 +357,10 @@ def test_failed_logins_are_throttled_like_the_api(api):
     lab.token("alice")
     answer = client.post("/login", {"csrf": client.get("/login").csrf(), "username": "alice",
                                     "token": lab.token("alice")})
-    assert answer.status == 401 and "Too many failed logins" in answer.text
+    # What the API answers too (README, "Hostile input"): 429 and when to come back.
+    assert answer.status == 429 and "Too many failed logins" in answer.text
+    assert 1 <= int(answer.header("Retry-After")) <= 61
+    assert session.SESSION_COOKIE not in client.jar
 
 
 # -- CSRF -------------------------------------------------------------------------------
@@ -571,3 +578,380 @@ def test_the_page_of_a_multinode_sub_job(api):
     page = Client(lab).get("/jobs/%d.1" % ids[0])
     assert page.status == 200 and 'id="group"' in page.text
     assert "/jobs/%d.0" % ids[0] in page.text
+
+
+# -- redirects --------------------------------------------------------------------------------
+
+def test_login_goes_back_to_any_address_as_an_ascii_location(api):
+    lab = api()
+    insert_jobs(lab, [(JobState.SUBMITTED, JobHealth.UNKNOWN, "qemu", "Łukasz"),
+                      (JobState.SUBMITTED, JobHealth.UNKNOWN, "qemu", "alice")])
+    client = Client(lab)
+    for target, location in (
+            ("/jobs?submitter=Łukasz", "/jobs?submitter=%C5%81ukasz"),
+            ("/é", "/%C3%A9"),
+            ("/jobs?submitter=a b&x=\"<>`", "/jobs?submitter=a%20b&x=%22%3C%3E%60"),
+            ("/jobs?submitter=%C5%81ukasz", "/jobs?submitter=%C5%81ukasz")):
+        answer = client.post("/login", {"csrf": client.get("/login").csrf(),
+                                        "username": "alice", "token": lab.token("alice"),
+                                        "next": target})
+        assert (answer.status, answer.header("Location")) == (303, location), target
+    # Where it leads: the list of Łukasz's jobs, the filter showing his name.
+    page = client.get("/jobs?submitter=%C5%81ukasz")
+    assert page.status == 200 and len(page.job_ids()) == 1
+    assert 'id="f-submitter" value="Łukasz"' in page.text
+    # The login link of a page whose address a client sent with raw UTF-8 bytes.
+    raw = in_thread(_raw_bytes, lab.url, b"GET /jobs?submitter=\xc5\x81ukasz HTTP/1.1\r\n"
+                    b"Host: lab\r\nAccept: text/html\r\nConnection: close\r\n\r\n")
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert b'href="/login?next=%2Fjobs%3Fsubmitter%3D%25C5%2581ukasz"' in raw
+
+
+def _raw_bytes(url, data):
+    import socket
+
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=20) as sock:
+        sock.sendall(data)
+        answer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return answer
+            answer += chunk
+
+
+# -- behind a reverse proxy -------------------------------------------------------------------
+
+def test_behind_a_proxy_that_does_not_keep_host_with_public_url(api):
+    lab = api(api='public_url = "https://lava.example.org"')
+    private = lab.submit(_personal(job_yaml()), user="alice")
+    client = Client(lab)
+    # The proxy sends Host: 127.0.0.1:PORT (what http.client sends); the browser, the
+    # Origin of the address it shows.
+    proxied = {"Origin": "https://lava.example.org"}
+    page = client.get("/login")
+    assert page.cookies() and all("; Secure" in c for c in page.cookies())
+    answer = client.post("/login", {"csrf": page.csrf(), "username": "alice",
+                                    "token": lab.token("alice"), "next": "/"},
+                         headers=proxied)
+    assert answer.status == 303, answer.text[:500]
+    assert [c for c in answer.cookies() if c.startswith(session.SESSION_COOKIE)][0] \
+        .endswith("; Secure")
+    job_page = client.get("/jobs/%d" % private)
+    assert job_page.status == 200
+    token = job_page.csrf()
+    cancel = "/jobs/%d/cancel" % private
+    # Any other origin is refused, whatever the X-Forwarded-* headers claim.
+    for origin, extra in (("https://evil.example", {}),
+                          ("https://evil.example", {"X-Forwarded-Host": "evil.example",
+                                                    "X-Forwarded-Proto": "https"}),
+                          ("http://lava.example.org", {}),
+                          ("https://lava.example.org:8443", {}),
+                          ("https://lava.example.org.evil.example", {}),
+                          ("null", {})):
+        refused = client.post(cancel, {"csrf": token}, headers=dict(extra, Origin=origin))
+        assert refused.status == 403 and "another site" in refused.text, origin
+    assert lab.job(private).state == JobState.SUBMITTED
+    # Straight to the master (its own address) still works.
+    done = client.post(cancel, {"csrf": token}, headers={"Origin": lab.url})
+    assert done.status == 303
+    assert lab.job(private).health == JobHealth.CANCELED
+    logout = client.post("/logout", {"csrf": client.get("/").csrf()}, headers=proxied)
+    assert logout.status == 303 and session.SESSION_COOKIE not in client.jar
+    # The REST API's links to the next page use the public address too.
+    lab.submit(), lab.submit()
+    listing = lab.json("GET", "/api/v1/jobs/?limit=1")
+    assert listing["next"].startswith("https://lava.example.org/api/v")
+
+
+def test_without_public_url_forwarded_headers_change_nothing(api):
+    # The proxy's address is another site, and X-Forwarded-Proto (anyone can send it)
+    # does not make cookies Secure.
+    lab = api()
+    client = Client(lab)
+    forwarded = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "lava.example.org"}
+    page = client.get("/login", headers=forwarded)
+    assert page.cookies() and not any("Secure" in c for c in page.cookies())
+    refused = client.post("/login", {"csrf": page.csrf(), "username": "alice",
+                                     "token": lab.token("alice")},
+                          headers=dict(forwarded, Origin="https://lava.example.org"))
+    assert refused.status == 403 and session.SESSION_COOKIE not in client.jar
+
+
+# -- connections --------------------------------------------------------------------------
+
+WAIT = 20  # seconds any awaited answer may take on a loaded machine
+
+
+def _connect(address, source):
+    import gevent.socket
+
+    return gevent.socket.create_connection(address, timeout=WAIT,
+                                           source_address=(source, 0))
+
+
+def _ask(address, source, path, headers=""):
+    """The whole answer to one GET that closes its connection (gevent sockets: the
+    master in this process keeps serving)."""
+    sock = _connect(address, source)
+    try:
+        sock.sendall(("GET %s HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n%s\r\n"
+                      % (path, headers)).encode())
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+    finally:
+        sock.close()
+
+
+def _watch(socks):
+    """Greenlets reading each socket's first answer: [(index, bytes)] as they come (b""
+    for a connection closed without an answer)."""
+    import gevent
+
+    seen = []
+
+    def read(index, sock):
+        sock.settimeout(None)  # the waits on ``seen`` are bounded; closing ends these
+        try:
+            data = sock.recv(65536)
+        except OSError:
+            data = b""
+        seen.append((index, data))
+
+    return seen, [gevent.spawn(read, i, s) for i, s in enumerate(socks)]
+
+
+def test_slow_clients_from_many_addresses_do_not_shut_out_health_or_pages(api):
+    # 9 addresses x 32 connections (the per-address limit) that send part of a request
+    # head and wait: more than [api] max_connections.
+    lab = api(api="header_timeout = 600\nmax_connections = 256")
+    address = lab.master.api.address
+    slow = []
+    for n in range(9 * 32):
+        sock = _connect(address, "127.0.0.%d" % (2 + n // 32))
+        sock.sendall(b"GET /jobs HTTP/1.1\r\nHost: lab\r\n")
+        slow.append(sock)
+    seen, readers = _watch(slow)
+    try:
+        # Each connection past 256 made room by closing the one that had waited longest.
+        wait_for(lambda: len(seen) >= 32, WAIT, "32 connections closed")
+        assert sorted(i for i, _ in seen) == list(range(32))
+        assert all(data == b"" for _, data in seen)
+        # A load balancer's check and a person's page are answered.
+        health = _ask(address, "127.0.0.100", "/health")
+        assert health.startswith(b"HTTP/1.1 200") and b'"status": "ok"' in health
+        page = _ask(address, "127.0.0.101", "/jobs", "Accept: text/html\r\n")
+        assert page.startswith(b"HTTP/1.1 200") and b'id="count"' in page
+        # The newest slow client is served once its head is whole.
+        slow[-1].sendall(b"\r\n")
+        wait_for(lambda: any(i == len(slow) - 1 for i, _ in seen), WAIT, "its answer")
+        assert dict(seen)[len(slow) - 1].startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in slow:
+            sock.close()
+        gevent_joinall(readers)
+
+
+def test_requests_in_progress_leave_room_for_health(api):
+    # 64 requests whose bodies do not come: all connections [api] max_connections allows.
+    lab = api(api="max_connections = 64\nmax_client_connections = 8")
+    address = lab.master.api.address
+    held = []
+    for n in range(64):
+        sock = _connect(address, "127.0.0.%d" % (2 + n // 8))
+        sock.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: lab\r\nContent-Type: text/xml\r\n"
+                     b"Content-Length: 1000\r\n\r\n<?xml")
+        held.append(sock)
+    seen, readers = _watch(held)
+    try:
+        # All but 8 connections may hold a request in progress: the last 8 are told to
+        # come back, and /health still gets in.
+        wait_for(lambda: len(seen) >= 8, WAIT, "8 requests refused")
+        assert all(data.startswith(b"HTTP/1.1 503") and b"Retry-After: " in data
+                   for _, data in seen), seen[:2]
+        health = _ask(address, "127.0.0.100", "/health")
+        assert health.startswith(b"HTTP/1.1 200"), health[:300]
+        busy = _ask(address, "127.0.0.101", "/jobs", "Accept: text/html\r\n")
+        assert busy.startswith(b"HTTP/1.1 503") and b"Retry-After: " in busy
+    finally:
+        for sock in held:
+            sock.close()
+        gevent_joinall(readers)
+    # Once they are gone, pages are served again.
+    wait_for(lambda: _ask(address, "127.0.0.101", "/jobs").startswith(b"HTTP/1.1 200"),
+             WAIT, "the pages served again")
+
+
+def gevent_joinall(greenlets):
+    import gevent
+
+    gevent.joinall(greenlets, timeout=WAIT)
+
+
+# -- what bad requests leave in the log ---------------------------------------------------------
+
+def test_bad_requests_are_a_line_each_in_the_log_without_tracebacks(tmp_path, master_process):
+    import socket
+
+    master = master_process(api_config(tmp_path))
+    port = int(re.search(r"API listening on http://127\.0\.0\.1:(\d+)",
+                         master.log_text()).group(1))
+
+    def send(source, data):
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT,
+                                      source_address=(source, 0)) as sock:
+            sock.sendall(data)
+            answer = b""
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return answer
+                answer += chunk
+
+    headers = "".join("X-Header-%d: %d\r\n" % (i, i) for i in range(101))
+    too_many = ("GET /jobs HTTP/1.1\r\nHost: lab\r\n%s\r\n" % headers).encode()
+    for _ in range(20):
+        assert send("127.0.0.2", too_many).startswith(b"HTTP/1.1 400")
+    for _ in range(3):
+        assert send("127.0.0.3", b"NOT A REQUEST LINE AT ALL\r\n\r\n").startswith(
+            b"HTTP/1.1 400")
+    # The log is in order: once 127.0.0.3's lines are there, 127.0.0.2's are too.
+    wait_for(lambda: master.log_text().count("client 127.0.0.3:") >= 3, WAIT,
+             "the lines about 127.0.0.3")
+    text = master.log_text()
+    assert "Traceback" not in text and "HTTPException" not in text, text[-3000:]
+    lines = [line for line in text.splitlines() if "127.0.0.2" in line]
+    # A few lines a minute per peer and kind of fault, each saying what was wrong.
+    assert len(lines) == 5, lines
+    assert all("client 127.0.0.2: malformed request (got more than 100 headers);"
+               " answered 400" in line for line in lines), lines
+    # Still serving.
+    assert send("127.0.0.4", b"GET /health HTTP/1.1\r\nHost: lab\r\nConnection: close"
+                b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+
+
+def test_an_internal_error_goes_to_the_log_with_its_traceback(api, caplog, capfd):
+    import logging
+
+    lab = api()
+    server = lab.master.api.server
+
+    def broken(environ, start_response):
+        raise RuntimeError("a bug of ours")
+
+    caplog.set_level(logging.INFO, logger="lavacore.api")
+    server.application = broken
+    for _ in range(8):
+        assert _ask(lab.master.api.address, "127.0.0.2", "/jobs").startswith(
+            b"HTTP/1.1 500")
+    records = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(records) == 5  # at most a few a minute of one kind
+    assert all(r.levelname == "ERROR" and r.exc_info and r.exc_info[0] is RuntimeError
+               for r in records)
+    assert "HTTP GET /jobs from 127.0.0.2: internal error (RuntimeError: a bug of ours)" \
+        in records[0].getMessage()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# -- where it says it listens ---------------------------------------------------------------
+
+def _listening_master(tmp_path, listen):
+    from lavacore import config as config_mod
+    from lavacore.master import Master
+
+    path = api_config(tmp_path)
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text.replace('listen = "127.0.0.1:0"', 'listen = "%s"' % listen, 1))
+    return Master(config_mod.load(path)).start()
+
+
+def _has_ipv6():
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("listen, said", [
+    ("*:0", "API listening on http://*:%d (every IPv4 address of this host)"),
+    ("[::]:0", "API listening on http://[::]:%d (every IPv6"),
+    ("[::1]:0", "API listening on http://[::1]:%d (XML-RPC http://[::1]:%d/RPC2"),
+])
+def test_the_start_line_says_where_it_listens(tmp_path, caplog, listen, said):
+    import logging
+
+    if "::" in listen and not _has_ipv6():
+        pytest.skip("no IPv6 on this host")
+    caplog.set_level(logging.INFO, logger="lavacore.api")
+    master = _listening_master(tmp_path, listen)
+    try:
+        port = master.api.address[1]
+        assert said.replace("%d", str(port)) in caplog.text, caplog.text
+        assert "http://127.0.0.1:%d (XML" % port not in caplog.text
+        # And the address it gives its own clients reaches it.
+        status, _, body = in_thread(_get, master.api.url + "/health")
+        assert status == 200
+    finally:
+        master.stop()
+
+
+def _get(url):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=WAIT) as answer:
+        return answer.status, dict(answer.headers), answer.read()
+
+
+# -- methods, references, levels, control characters ------------------------------------------
+
+def test_methods_references_unknown_levels_and_control_characters(api):
+    lab = api()
+    worker = lab.worker()
+    job_id = lab.submit()
+    run_job(lab, worker, job_id, [
+        make_line("weird", "a line of a level nobody knows"),
+        make_line("target", "nul\x00 esc\x1b[31m red\x1b[0m del\x7f csi\x9b"),
+        result_line("smoke", "dict-ref", "pass",
+                    reference={"url": "https://x.example/", "n": 1}),
+        result_line("smoke", "list-ref", "pass", reference=["https://y.example/", 2]),
+    ])
+    client = Client(lab)
+    page = client.get("/jobs/%d" % job_id)
+    assert page.status == 200
+    # Control characters are shown, never sent raw.
+    for raw in ("\x00", "\x1b", "\x7f", "\x9b"):
+        assert raw not in page.text, repr(raw)
+    assert "nul\u2400 esc\u241b[31m red\u241b[0m del\u2421 csi\\x9b" in page.text
+    lines = json.loads(client.get("/jobs/%d/log?start=0" % job_id).body)["lines"]
+    assert lines[1]["msg"] == "nul\u2400 esc\u241b[31m red\u241b[0m del\u2421 csi\\x9b"
+    # A level it does not know is "other", with its own box to hide it.
+    assert 'class="line lvl-other"' in page.text
+    assert '<input type="checkbox" data-level="other" checked>' in page.text
+    css = client.get("/static/lavacore.css").text
+    assert ".log.hide-other .lvl-other" in css
+    # A reference that is not a text is shown as JSON, and is no link.
+    assert "{&#34;n&#34;: 1, &#34;url&#34;: &#34;https://x.example/&#34;}" in page.text
+    assert "[&#34;https://y.example/&#34;, 2]" in page.text
+    assert "{&#39;" not in page.text and "[&#39;" not in page.text
+    assert "x.example" not in " ".join(re.findall(r'href="([^"]*)"', page.text))
+    # What a page answers, it says in Allow: HEAD with GET.
+    for method, path, allowed in (("DELETE", "/jobs", "GET, HEAD"),
+                                  ("GET", "/logout", "POST"),
+                                  ("PUT", "/login", "GET, HEAD, POST"),
+                                  ("POST", "/static/job.js", "GET, HEAD")):
+        answer = client.request(method, path)
+        assert (answer.status, answer.header("Allow")) == (405, allowed), (method, path)
+    status, headers, _ = lab.http("DELETE", "/jobs/%d" % job_id)
+    assert (status, headers.get("Allow")) == (405, "GET, HEAD")
+    assert client.request("POST", "/static/nosuch.js").status == 404

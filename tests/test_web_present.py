@@ -82,10 +82,11 @@ def test_no_python_repr_in_show_texts(api):
     job_id = lab.submit(job_yaml(extra="tags: [usb]\n"))
     job = present.job_text(present.job_details(storage, storage.get_job(job_id)))
     assert "tags:            usb\n" in job and "failure_comment: -\n" in job
-    # Values: nothing is "-", lists are joined, mappings are key: value.
-    assert [present.value_text(v) for v in (None, "", [], {}, 0, False, ["a", "b"],
+    # Values: nothing is "-", booleans are yes or no, lists are joined, mappings are
+    # key: value.
+    assert [present.value_text(v) for v in (None, "", [], {}, 0, False, True, ["a", "b"],
                                             {"k": "v", "n": None})] == \
-        ["-", "-", "-", "-", "0", "False", "a, b", "k: v, n: -"]
+        ["-", "-", "-", "-", "0", "no", "yes", "a, b", "k: v, n: -"]
     assert present._field("metadata", {"a": 1, "b": [1, 2]}, 16) == \
         "metadata:\n  a: 1\n  b: 1, 2\n"
     assert present.table([], ["x"]) == ""

@@ -3,8 +3,9 @@
 into an XML-RPC fault, a JSON error or an error page, never shows a traceback, and logs
 one line per request at DEBUG.
 
-It runs in the master's gevent loop: storage calls are short SQLite statements (no
-transaction is held across network I/O), and everything else is cooperative.
+It runs in the master's gevent loop (or in an API process's: lavacore/apiserver.py):
+storage calls are short statements (no transaction is held across network I/O), and
+everything else is cooperative.
 """
 
 import collections
@@ -83,7 +84,7 @@ class Application:
     on (requests still waiting for their body do not count: stopping does not wait for a
     client that sends slowly)."""
 
-    def __init__(self, master, max_body=MAX_BODY):
+    def __init__(self, master, max_body=MAX_BODY, throttle=None, observe=None):
         self.master = master
         self.max_body = max_body
         self.log_reader = jobs.LogReader()
@@ -91,8 +92,11 @@ class Application:
         self.reading = 0
         self.idle = gevent.event.Event()
         self.idle.set()
-        self.throttle = AuthThrottle(time.monotonic,
-                                     int(master.config.api.max_auth_failures))
+        # A pool of API processes shares its throttle (lavacore/api/shared.py).
+        self.throttle = throttle or AuthThrottle(time.monotonic,
+                                                 int(master.config.api.max_auth_failures))
+        # observe(path, seconds) after each request: an API process's /metrics.
+        self.observe = observe
         self.pages = Pages(self)
 
     def _busy(self, active=0, reading=0):
@@ -116,6 +120,8 @@ class Application:
             headers.append(("X-Content-Type-Options", "nosniff"))
         headers.append(("Content-Length", str(len(body))))
         start_response(status, headers)
+        if self.observe is not None:
+            self.observe(environ.get("PATH_INFO", ""), time.monotonic() - started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s %s %s %s -> %s (%.1f ms)", environ.get("REMOTE_ADDR", "-"),
                       environ.get("REQUEST_METHOD", "-"), environ.get("PATH_INFO", "")[:200],
@@ -232,7 +238,7 @@ class Application:
             handler, arguments = rest.match(method, path)
             request = rest.Request(caller, method, path, _query(environ),
                                    lambda: self.body(environ), environ.get("CONTENT_TYPE"),
-                                   _base(environ))
+                                   _base(environ, self.master.config.api.public_url))
             code, data = handler(request, **arguments)
         except ApiError as exc:
             code, data = exc.status, {"error": exc.message, "code": exc.code}
@@ -341,7 +347,11 @@ def _query(environ):
     return dict(pairs)
 
 
-def _base(environ):
+def _base(environ, public_url=""):
+    """The address REST links start with: ``[api] public_url`` when a reverse proxy
+    stands in front, else the request's own Host."""
+    if public_url:
+        return public_url.rstrip("/") + rest.PREFIX
     host = environ.get("HTTP_HOST", "")
     if not _SAFE_HOST.match(host):
         host = "%s:%s" % (environ.get("SERVER_NAME", "localhost"),

@@ -40,8 +40,11 @@ class Caller:
 
     def changed(self):
         """Who may do what changed: the master's cached answers go, a pass may place
-        jobs it could not before."""
+        jobs it could not before. API processes sharing the database hear it too (an API
+        process's ``permissions_changed`` tells the master and the others itself)."""
         self.master.permissions_changed()
+        if getattr(self.master, "role", None) != "api" and _broadcasts(self.storage):
+            self.storage.publish_event({"kind": "permissions", "data": {}, "username": None})
 
     @property
     def principal(self):
@@ -76,6 +79,12 @@ class Caller:
     def require_staff(self, what):
         p = self.principal
         return self.require(p.is_active and (p.is_staff or p.is_superuser), what)
+
+
+def _broadcasts(storage):
+    from ..apiserver import broadcasts
+
+    return broadcasts(storage)
 
 
 def parse_authorization(header):

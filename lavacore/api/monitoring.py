@@ -23,6 +23,11 @@ per ``probe_every`` seconds however many clients ask; everything else is read fr
 memory.
 A standby master binds nothing until it takes over, so it does not answer at all: a
 load balancer sends it no traffic.
+
+An API process (``lavacore api``, lavacore/apiserver.py) answers both about itself:
+/health with ``"role": "api"``, its pid and its place in its pool, and the problems of
+its own loop, services and storage; /metrics with its pool's ``lavacore_api_*`` numbers
+(lavacore/api/procmetrics.py), never the master's.
 """
 
 import gzip
@@ -71,6 +76,13 @@ def respond(app, environ, method, path):
 
 # -- /metrics ---------------------------------------------------------------------------
 
+def metrics_of(master):
+    """The numbers /metrics and /health read: the master's (lavacore/metrics.py), or an
+    API process's own (lavacore/api/procmetrics.py)."""
+    own = getattr(master, "api_metrics", None)
+    return own if own is not None else metrics.of(master)
+
+
 def scrape(app, environ, method):
     master = app.master
     try:
@@ -89,7 +101,7 @@ def scrape(app, environ, method):
     zipped = _accepts_gzip(environ.get("HTTP_ACCEPT_ENCODING", ""))
     if zipped:
         headers.append(("Content-Encoding", "gzip"))
-    counted = metrics.of(master)
+    counted = metrics_of(master)
     key = (caller.user, content_type, zipped)
     cached = counted.rendered.get(key)
     if cached is not None and time.monotonic() - cached[0] < counted.max_age:
@@ -216,17 +228,22 @@ class Health:
         problems = []
         if master is None:
             return ["master: gone"], {}
-        counted = metrics.of(master)
+        counted = metrics_of(master)
         watch = counted.loop
         now = time.monotonic()
         late, worst = watch.lag_now(now), watch.recent_worst(now)
-        details = {"role": "active", "storage": getattr(master.storage, "name", None),
+        details = {"role": getattr(master, "role", "active"),
+                   "storage": getattr(master.storage, "name", None),
                    "uptime_seconds": round(now - counted.started, 1),
                    "loop_lag_seconds": round(max(late, worst), 4)}
+        more = getattr(master, "health_details", None)
+        if more is not None:
+            details.update(more())
         services = list(master.services)
         if any(service.stopping.is_set() for service in services if
                hasattr(service, "stopping")):
-            problems.append("master: stopping")
+            problems.append("%s: stopping" % ("API process" if details["role"] == "api"
+                                              else "master"))
         leadership = getattr(master.storage, "leadership", None)
         if leadership is not None and not leadership.held:
             problems.append("master lock: lost with its database connection; taking it"
@@ -279,7 +296,8 @@ class Health:
                 problems.append("service %s: it has no ZeroMQ socket" % name)
         context = master.context
         if context is None or context.closed:
-            problems.append("ZeroMQ: the master's context is closed")
+            problems.append("ZeroMQ: the %s's context is closed" % (
+                "API process" if getattr(master, "role", None) == "api" else "master"))
         return problems
 
     def _storage(self, master):

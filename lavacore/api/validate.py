@@ -113,6 +113,8 @@ def integer(value, what, default=None, minimum=None, maximum=None):
     if isinstance(value, bool):
         raise bad_request("%s: expected a whole number, got %s" % (what, _show(value)))
     if isinstance(value, str):
+        if re.match(r"^-?\d{19,}$", value.strip()):
+            raise bad_request("%s: %s is out of range" % (what, _show(value)))
         if not re.match(r"^-?\d{1,18}$", value.strip()):
             raise bad_request("%s: expected a whole number, got %s" % (what, _show(value)))
         value = int(value)

@@ -199,6 +199,9 @@ def set_certificate(caller, hostname, text):
         except certs.CertError as exc:
             raise bad_request("certificate: %s" % str(exc).replace(path, "the certificate")) \
                 from None
-    master.hook.configure(config=master.config, master=master)  # re-read the keys now
+    if getattr(master, "role", None) != "api":
+        master.hook.configure(config=master.config, master=master)  # re-read the keys now
+    # (An API process cannot tell the master's auth_curve: the master reads the key
+    # directory again when the worker's unknown key comes to its handshake.)
     audit(caller, "worker", worker.hostname, "set certificate", None, text.strip())
     return True

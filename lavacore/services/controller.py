@@ -19,6 +19,7 @@ from .base import Service, recv_bounded
 
 MAX_COMMENT = 64 * 1024
 LAST_PING_EVERY = 10.0
+MAX_NAMES = 100000  # worker identities remembered as checked
 LAVA_LOGS = "lava-logs"
 DRAIN = 1000
 MAX_FRAMES = 8         # the most any protocol v3 message has (START: 7), with room
@@ -49,6 +50,11 @@ class Controller(Service):
         # lines, or None while the worker's copy of its log is being taken.
         self._ending = {}
         self._drops = RateLimitedLog(self.log)
+        # Identity frames already checked -> their hostname: a worker's name is read and
+        # checked once, not at every PING (bounded: a flood of names empties it).
+        self._names = {}
+        self._versions = {}  # hostname -> version its HELLO gave, not stored yet
+        self._pong = protocol.pong(master.config.master.ping_interval)
         # Counted per message, read at scrape time (lavacore/metrics.py): a dict
         # increment, not a prometheus_client Counter (which takes a lock).
         self._received = metrics.of(master).messages_received
@@ -111,7 +117,9 @@ class Controller(Service):
         """One message: ``frames`` as bytes, the peer's CURVE key (z85) if encrypted.
         Whatever happens while handling it stays here: the message is dropped with one
         line naming the peer and the reason, and the next one is read."""
-        hostname = protocol.peer_name(frames[0])
+        hostname = self._names.get(frames[0])
+        if hostname is None:
+            hostname = protocol.peer_name(frames[0])
         try:
             self._handle(hostname, frames, public_key)
         except StorageError as exc:
@@ -125,7 +133,11 @@ class Controller(Service):
 
     def _handle(self, hostname, frames, public_key):
         try:
-            protocol.check_hostname(frames[0].decode("utf-8", "replace"))
+            if frames[0] not in self._names:
+                protocol.check_hostname(frames[0].decode("utf-8", "replace"))
+                if len(self._names) >= MAX_NAMES:
+                    self._names.clear()
+                self._names[frames[0]] = hostname  # valid: peer_name gave it as it is
             message = protocol.decode_from_worker(frames[1:])
         except protocol.ProtocolError as exc:
             self._received[metrics.INVALID] += 1
@@ -219,6 +231,15 @@ class Controller(Service):
             self._dirty |= dirty
             self.master.storage_fault("the liveness of %d worker(s)" % len(dirty), exc)
             return
+        versions, self._versions = self._versions, {}
+        if versions:
+            try:
+                with master.storage.transaction():
+                    for hostname, version in sorted(versions.items()):
+                        master.storage.update_worker(hostname, version=version)
+            except (StorageError, NotFound) as exc:
+                self.log.warning("cannot store the version of %d worker(s): %s",
+                                 len(versions), exc)
         master.storage_works()
         for hostname in created:
             self.log.info("worker %s: new worker registered", hostname)
@@ -261,16 +282,20 @@ class Controller(Service):
         else:
             self.log.info("worker %s: connected%s", hostname,
                           " (version %s)" % worker_version if worker_version else "")
+        if worker_version:
+            self._versions[hostname] = worker_version  # stored with the batch
         self.alive(hostname, greeting=True)
         self.master.hook.on_hello(master=self.master, hostname=hostname,
                                   version=worker_version, retry=retry)
 
     def on_ping(self, hostname, retry=False):
-        self.send(hostname, protocol.pong(self.master.config.master.ping_interval))
+        self.send(hostname, self._pong)
         if hostname == LAVA_LOGS:
             return  # an old lava-logs daemon; this master is its own lava-logs
         self.alive(hostname)
-        self.master.hook.on_ping(master=self.master, hostname=hostname)
+        hook = self.master.hook.on_ping
+        if hook.get_hookimpls():  # most sites have none: no call per PING
+            hook(master=self.master, hostname=hostname)
 
     def _own_job(self, hostname, job_id, action):
         try:

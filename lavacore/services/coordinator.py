@@ -271,7 +271,8 @@ class CoordinatorService(Service):
         pool = gevent.pool.Pool(self.settings.max_connections)
         self.server = gevent.server.StreamServer(sock, self._handle, spawn=pool)
         self.server.start()
-        self.log.info("MultiNode coordinator on tcp://%s:%d", self.host, self.port)
+        self.log.info("MultiNode coordinator on tcp://%s:%d", "[%s]" % self.host
+                      if ":" in self.host else self.host, self.port)
 
     def teardown(self):
         if self.server is not None:

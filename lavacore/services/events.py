@@ -34,6 +34,7 @@ class EventService(Service):
     def __init__(self, master):
         super().__init__(master)
         self.socket = None
+        self._plain_pub = None
         self.endpoint = None
         self.sub = None
         self._plain_sub = None
@@ -46,6 +47,9 @@ class EventService(Service):
         self.socket, self.endpoint = self.bind(
             zmq.PUB, "events", "[master] events", config.events,
             {zmq.LINGER: 0, zmq.SNDHWM: 100000}, "publishing events")
+        # A PUB socket never blocks a send (it drops past SNDHWM): the plain socket
+        # spares each event zmq.green's bookkeeping.
+        self._plain_pub = self.plain(self.socket)
         if config.event_url:
             sub = self.master.context.socket(zmq.SUB)
             sub.setsockopt(zmq.LINGER, 0)
@@ -68,7 +72,7 @@ class EventService(Service):
         for sock in (self.socket, self.sub):
             if sock is not None:
                 sock.close(linger=0)
-        self.socket = self.sub = self._plain_sub = None
+        self.socket = self.sub = self._plain_sub = self._plain_pub = None
 
     def publish(self, kind, data, username=None):
         """Publish one event and let the master react to it. The PUB socket's subscribers
@@ -77,11 +81,11 @@ class EventService(Service):
         its own user may see it."""
         topic = "%s.%s" % (self.topic, kind)
         stamp = datetime.datetime.now(datetime.timezone.utc)
-        if self.socket is not None:
+        if self._plain_pub is not None:
             shown = self._for_anonymous(kind, data, username)
             if shown is not None:
                 try:
-                    self.socket.send_multipart(encode_event(topic, shown[1], shown[0], stamp),
+                    self._plain_pub.send_multipart(encode_event(topic, shown[1], shown[0], stamp),
                                                zmq.NOBLOCK)
                 except zmq.ZMQError as exc:
                     self.log.warning("cannot publish a %s event: %s", kind, exc)

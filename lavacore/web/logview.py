@@ -19,11 +19,15 @@ import gevent.lock
 from .. import present
 from ..api.jobs import entry
 from ..logformat import LEVELS
+from .render import visible
 
 CHUNK = 1 << 20
 INLINE_SCAN = 256 * 1024     # a smaller new part is indexed in the loop, not in a thread
 MAX_MESSAGE = 16 * 1024      # characters of one message shown; the rest is cut
 KNOWN_LEVELS = frozenset(LEVELS)
+# The levels a job page lets a reader show or hide: LAVA's, and "other" for lines of a
+# level it does not know (each one is a CSS class: the level itself is never one).
+LEVEL_CHOICES = tuple(LEVELS) + ("other",)
 
 
 class _Index:
@@ -60,15 +64,16 @@ def _scan(handle, index):
 
 def display(number, item):
     """A log entry as the pages show it: line number, time, level (a CSS class from a
-    fixed list), message as one text (cut at MAX_MESSAGE characters)."""
+    fixed list), message as one text (cut at MAX_MESSAGE characters), its control
+    characters made visible (render.visible), as in the page's HTML."""
     lvl = item.get("lvl")
     level = lvl if lvl in KNOWN_LEVELS else "other"
     message = present.log_message(item)
     if len(message) > MAX_MESSAGE:
         message = "%s… (%d more characters)" % (message[:MAX_MESSAGE],
                                                 len(message) - MAX_MESSAGE)
-    return {"n": number, "dt": str(item.get("dt") or "")[:26], "lvl": level,
-            "msg": message}
+    return {"n": number, "dt": visible(str(item.get("dt") or "")[:26]), "lvl": level,
+            "msg": visible(message)}
 
 
 class LogView:

@@ -30,6 +30,7 @@ from ..api.errors import FORBIDDEN, ApiError, bad_request
 from ..states import DeviceHealth, DeviceState, JobHealth, JobState, WorkerHealth, WorkerState
 from ..storage import StorageError
 from . import render, session
+from .logview import LEVEL_CHOICES as LOG_LEVELS
 from .logview import LogView
 
 log = logging.getLogger("lavacore.web")
@@ -80,6 +81,36 @@ def wants_html(environ):
     return "text/html" in environ.get("HTTP_ACCEPT", "")
 
 
+# What stays as it is in an address put in a Location header: the characters with a
+# meaning in URLs, and "%" (escapes already there). Anything else (non-ASCII, controls,
+# spaces, quotes) is percent-encoded from its UTF-8 bytes.
+URL_SAFE = "!#$%&'()*+,/:;=?@[]~"
+
+
+def header_url(url):
+    """``url`` as an HTTP header may carry it: ASCII only (a header is latin-1 on the
+    wire, and a browser reads non-ASCII bytes there as it pleases)."""
+    return urllib.parse.quote(url, safe=URL_SAFE)
+
+
+def origin_of(url):
+    """``scheme://host[:port]`` of an http(s) address as a browser's Origin header
+    gives it (host in lower case, default port left out), or None."""
+    try:
+        parts = urllib.parse.urlsplit(str(url).strip())
+        port = parts.port
+    except ValueError:
+        return None
+    scheme, host = parts.scheme.lower(), parts.hostname
+    if scheme not in ("http", "https") or not host:
+        return None
+    if ":" in host:
+        host = "[%s]" % host
+    if port is not None and port != {"http": 80, "https": 443}[scheme]:
+        host = "%s:%d" % (host, port)
+    return "%s://%s" % (scheme, host)
+
+
 class Redirect(Exception):
     def __init__(self, location, status="303 See Other"):
         super().__init__(location)
@@ -111,7 +142,10 @@ class Request:
 
     @property
     def secure(self):
-        return self.environ.get("wsgi.url_scheme") == "https"
+        """Are cookies to be Secure (sent over TLS only)? When the master serves TLS
+        itself, or when ``[api] public_url`` is an https address (a reverse proxy ends
+        TLS in front of it). Never from X-Forwarded-Proto: anyone can send that."""
+        return self.environ.get("wsgi.url_scheme") == "https" or self.pages.secure_cookies
 
     def _caller(self):
         sessions = self.pages.sessions
@@ -166,11 +200,23 @@ class Request:
         return fields
 
     def _same_origin(self):
+        """A form's ``Origin``, when the browser sends one, must be this site: the
+        address of ``[api] public_url`` (what people reach through a reverse proxy, which
+        may not pass the Host it was asked for), or the one the request was sent to
+        (its Host, whatever the scheme: a proxy that keeps Host may end TLS). The
+        X-Forwarded-* headers are not looked at: anyone can send them."""
         origin = self.environ.get("HTTP_ORIGIN")
         if not origin:
             return
-        host = self.environ.get("HTTP_HOST", "")
-        if urllib.parse.urlsplit(origin).netloc != host:
+        public = self.pages.public_origin
+        if public is not None and origin_of(origin) == public:
+            return
+        host = self.environ.get("HTTP_HOST", "").strip().lower()
+        try:
+            netloc = urllib.parse.urlsplit(origin.strip()).netloc.lower()
+        except ValueError:
+            netloc = ""
+        if not host or netloc != host:
             raise ApiError(FORBIDDEN, "This form came from another site (%s): refused."
                            % origin[:100])
 
@@ -184,7 +230,11 @@ class Request:
         return status, [("Content-Type", HTML)] + self.headers, body
 
     def here(self):
+        """This page's address, to come back to (after logging in): ASCII, as sent
+        or with what the client sent raw (UTF-8 bytes in the query) percent-encoded."""
         query = self.environ.get("QUERY_STRING", "")
+        if query:
+            query = urllib.parse.quote(query.encode("latin-1", "replace"), safe=URL_SAFE)
         return urllib.parse.quote(self.path) + ("?" + query if query else "")
 
 
@@ -197,6 +247,11 @@ class Pages:
         self.renderer = render.Renderer()
         self.sessions = session.Sessions(app.master.storage)
         self.logs = LogView()
+        # [api] public_url: where people reach the pages through a reverse proxy.
+        public_url = getattr(app.master.config.api, "public_url", "") or ""
+        self.public_origin = origin_of(public_url) if public_url else None
+        self.secure_cookies = bool(self.public_origin) and \
+            self.public_origin.startswith("https://")
 
     def respond(self, environ, method, path):
         """(status, headers, body, note) of a page, a static file, a redirect or an
@@ -225,7 +280,7 @@ class Pages:
                     pairs = []  # not worth keeping: the page without it
                 if pairs:
                     location += "?" + urllib.parse.urlencode(pairs)
-                return ("301 Moved Permanently", [("Location", location)] +
+                return ("301 Moved Permanently", [("Location", header_url(location))] +
                         render.SECURITY_HEADERS, b"", "redirect")
         handler, arguments = self._match(method, path)
         if handler is None:
@@ -235,8 +290,8 @@ class Pages:
             request = Request(self, environ, "GET" if method == "HEAD" else method, path)
             status, headers, body = handler(request, **arguments)
         except Redirect as exc:
-            status, headers, body = exc.status, [("Location", exc.location)] + \
-                request.headers, b""
+            status, headers, body = exc.status, [("Location", header_url(exc.location))] \
+                + request.headers, b""
         except ApiError as exc:
             return self._error(environ, exc, path, request)
         except StorageError as exc:
@@ -254,6 +309,8 @@ class Pages:
                 if method in methods or (method == "HEAD" and "GET" in methods):
                     return fn, found.groupdict()
                 allowed.update(methods)
+        if "GET" in allowed:
+            allowed.add("HEAD")  # answered as GET without the body
         if allowed:
             return None, ApiError(405, "method %s not allowed here (allowed: %s)"
                                   % (method[:20], ", ".join(sorted(allowed))), status=405)
@@ -261,9 +318,13 @@ class Pages:
 
     def _static(self, method, name):
         found = self.renderer.static.files.get(name)
-        if found is None or method not in ("GET", "HEAD"):
+        if found is None:
             return ("404 Not Found", [("Content-Type", "text/plain")] +
                     render.SECURITY_HEADERS, b"no such file\n", "404")
+        if method not in ("GET", "HEAD"):
+            return ("405 Method Not Allowed", [("Content-Type", "text/plain"),
+                                               ("Allow", "GET, HEAD")] +
+                    render.SECURITY_HEADERS, b"GET and HEAD only\n", "405")
         data, kind, _ = found
         return ("200 OK", [("Content-Type", kind), ("Cache-Control", "public, max-age=86400")]
                 + render.SECURITY_HEADERS, data, "static")
@@ -407,8 +468,9 @@ def job_page(request, ident):
     results = []
     for case in cases[:MAX_RESULTS]:
         metadata = case.parsed_metadata()
-        results.append({"case": case, "metadata": metadata,
-                        "reference": metadata.get("reference")})
+        reference = metadata.get("reference")
+        results.append({"case": case, "metadata": metadata, "reference": reference,
+                        "reference_text": _reference_text(reference)})
     path = _log_path(request, job)
     total = request.pages.logs.count(path)
     start = _int_arg(request, "log_start")
@@ -434,8 +496,18 @@ def job_page(request, ident):
         log_next=window(end) if end < total else None,
         log_last=render.job_url(ident) + "#log" if end < total else None,
         definition=jobs.definition(job), can_cancel=can_cancel,
-        log_url=render.job_url(ident, "/log"),
+        log_url=render.job_url(ident, "/log"), levels=LOG_LEVELS,
         log_file_url=render.job_url(ident, "/output.yaml"), finished=job.state == JobState.FINISHED)
+
+
+def _reference_text(value):
+    """A result's reference as the page shows it: a text as it is, anything else (a
+    mapping, a list, a number) as JSON; None when there is none."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
 
 
 @route("GET", "/jobs/%s/log" % _JOB)
@@ -626,7 +698,11 @@ def login(request):
         address = request.environ.get("REMOTE_ADDR", "")
         wait = request.app.throttle.retry_after(address)
         if wait:
+            # As the API answers credentials from an address that failed too often.
             problem = "Too many failed logins from your address: try again in %d s." % wait
+            request.headers.append(("Retry-After", str(wait)))
+            return request.page("login.html", title="Log in", problem=problem, next=target,
+                                username=username, status="429 Too Many Requests")
         else:
             user = tokens.authenticate(request.storage, username, token, request.now) \
                 if username and token else None

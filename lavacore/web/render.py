@@ -1,14 +1,16 @@
 """Templates, links and the headers every page carries.
 
 Everything a page shows comes from someone else (job names, definitions, log lines,
-device names, failure comments, result metadata): templates autoescape, links are built
-here with each part quoted, only http(s) and ftp links are ever made from data, and the
+device names, failure comments, result metadata): templates autoescape, control
+characters (NUL, ESC...) are shown as symbols, links are built here with each part
+quoted, only http(s) and ftp links are ever made from data, and the
 Content-Security-Policy allows no inline script or style at all.
 """
 
 import datetime
 import hashlib
 import os
+import re
 import urllib.parse
 
 import jinja2
@@ -30,6 +32,29 @@ SECURITY_HEADERS = [
 STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                 ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
 SAFE_SCHEMES = ("http", "https", "ftp")
+
+
+# Control characters but tab, line feed and carriage return (which text shows as space
+# and line breaks): C0, DEL and C1.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _shown(match):
+    code = ord(match.group())
+    if code < 0x20:
+        return chr(0x2400 + code)    # the Control Pictures block: NUL is ␀, ESC is ␛
+    if code == 0x7f:
+        return "\u2421"               # ␡
+    return "\\x%02x" % code           # C1 controls have no picture: \x9b
+
+
+def visible(text):
+    """``text`` with its control characters shown as symbols (␀ for NUL, ␛ for ESC,
+    \\x9b for a C1 control), so that none reaches a page raw (jinja2 escapes markup,
+    not those). Markup stays Markup; anything else is returned as it is."""
+    if isinstance(text, str) and _CONTROL.search(text):
+        return type(text)(_CONTROL.sub(_shown, text))
+    return text
 
 
 def _quote(value):
@@ -108,7 +133,8 @@ class Renderer:
         self.static = Static()
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
-            undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+            undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+            finalize=visible)  # every {{ value }}: no raw control character in a page
         self.env.globals.update(
             job_url=job_url, device_url=device_url, worker_url=worker_url,
             query_url=query_url, static=self.static.url, safe_link=safe_link,

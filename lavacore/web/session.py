@@ -12,7 +12,16 @@ user's sessions in every browser: the time is kept in the blob ``web-logout/USER
 CSRF: every form that changes something carries ``csrf``, an HMAC of the random value of
 the ``lavacore_csrf`` cookie; a request whose cookie and field do not match is refused.
 An attacker's page can neither read the cookie nor compute the HMAC without the secret.
-Both cookies are HttpOnly and SameSite=Strict.
+
+Both cookies are HttpOnly and SameSite=Lax: a browser sends them when a person follows a
+link to the site from elsewhere (a CI dashboard, a mail), so the page opened is the one a
+logged-in user expects, and never with a request another site's page makes by itself
+(its forms' POSTs, its images and scripts). Strict would keep the session out of such a
+link's page ("not found" for a private job) and gain nothing: what changes something is a
+POST, checked against the CSRF token and ``Origin`` (pages.Request.form). The CSRF cookie
+is Lax for the same reason: with Strict, a page opened from a link would not see it and
+would set a new one, and the forms of the user's other tabs would stop working.
+With ``[api] public_url`` at an https address, both are ``Secure`` too.
 """
 
 import base64
@@ -53,8 +62,9 @@ def parse_cookies(header):
 
 
 def cookie(name, value, max_age, secure=False):
-    """A Set-Cookie value (``max_age`` 0 removes the cookie)."""
-    text = "%s=%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Strict" % (name, value, max_age)
+    """A Set-Cookie value (``max_age`` 0 removes the cookie). Lax, not Strict: see the
+    module's description (a GET changes nothing; POSTs are checked for CSRF)."""
+    text = "%s=%s; Path=/; Max-Age=%d; HttpOnly; SameSite=Lax" % (name, value, max_age)
     return text + "; Secure" if secure else text
 
 

@@ -84,8 +84,8 @@ def build_parser():
     p.add_argument("--master-cert", help="the master's public key file (with --encrypt)")
     p.add_argument("--worker-cert", "--slave-cert", dest="worker_cert",
                    help="this worker's key pair file (with --encrypt)")
-    p.add_argument("--log-level", default="INFO",
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     p.add_argument("--log-file", default="", metavar="PATH",
                    help="write the log to PATH (default: stderr; logrotate's rename and"
                         " copytruncate both work)")

@@ -11,7 +11,6 @@ None and lets that plugin decide.
 """
 
 from lavacore.hookspecs import hookimpl
-from lavacore.scheduling import job_fits
 
 
 def fifo(queue, skip_groups=True):
@@ -20,15 +19,20 @@ def fifo(queue, skip_groups=True):
         free = sorted(queue.devices(device_type), key=lambda d: len(d.tags))
         if not free:
             continue
+        # job_fits, with each device's tags as a set once per pass rather than once per
+        # job tried (a pass tries thousands): same answers, in the same order.
+        carried = [(frozenset(d.tags), d.is_public) for d in free]
         for job in queue.candidates(device_type, free):
             if not free:
                 break
             if skip_groups and job.target_group:
                 continue
-            for index, device in enumerate(free):
-                if job_fits(job, device):
-                    assignments.append((job.id, device.hostname))
+            wanted = frozenset(job.tags) if job.tags else None
+            for index, (tags, public) in enumerate(carried):
+                if (public or job.health_check) and (wanted is None or wanted <= tags):
+                    assignments.append((job.id, free[index].hostname))
                     del free[index]
+                    del carried[index]
                     break
     return assignments
 

@@ -29,8 +29,10 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from lavacore.storage import (DDL, DEVICES, JOBS, SCHEMA_VERSION, NotFound, SQLStorage,
-                              StorageError, upgrade_statements)
+from lavacore.states import JobState
+from lavacore.storage import (DDL, DEVICES, JOBS, QUEUE_ORDER, QUEUED_JOBS, SCHEMA_VERSION,
+                              NotFound, SQLStorage, StorageError, decode_queued_job,
+                              upgrade_statements)
 
 from . import green
 from .leader import Leadership
@@ -445,6 +447,35 @@ class PostgresStorage(SQLStorage):
             " logged) VALUES %s",
             [(c.job_id, c.suite, c.name, c.result, c.measurement, c.units, c.metadata,
               c.logged) for c in cases], page_size=1000)
+
+    # -- the queue, as the scheduler reads it --------------------------------------------
+
+    def queued_stream_heads(self, streams):
+        """The first jobs of every stream in one statement (one round trip instead of one
+        per stream): each stream's page is an index scan of jobs_queue_stream, joined
+        laterally to the list of streams passed as three arrays (one prepared statement
+        whatever their number)."""
+        sizes = {}
+        for device_type, tags, size in streams:
+            sizes[(device_type, tags)] = max(int(size), sizes.get((device_type, tags), 0))
+        streams = [key + (size,) for key, size in sizes.items()]
+        found = {key: [] for key in sizes}
+        if len(streams) < 2:
+            return super().queued_stream_heads(streams) if streams else found
+        names = ", ".join("j." + column for column in QUEUED_JOBS.names)
+        rows = self._all(
+            "SELECT s.ord, %s FROM unnest(?::text[], ?::text[], ?::int[]) WITH ORDINALITY"
+            " AS s (device_type, tags, size, ord) CROSS JOIN LATERAL (%s WHERE state = ?"
+            " AND requested_device_type = s.device_type AND tags = s.tags ORDER BY %s"
+            " LIMIT s.size) AS j ORDER BY s.ord, %s"
+            % (names, QUEUED_JOBS.select, QUEUE_ORDER,
+               ", ".join("j." + column.strip() for column in QUEUE_ORDER.split(","))),
+            ([s[0] for s in streams], [s[1] for s in streams],
+             [int(s[2]) for s in streams], int(JobState.SUBMITTED)))
+        for row in rows:
+            device_type, tags, _ = streams[row[0] - 1]
+            found[(device_type, tags)].append(decode_queued_job(row[1:]))
+        return found
 
     # -- claims -------------------------------------------------------------------------
 
