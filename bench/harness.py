@@ -218,6 +218,10 @@ class Workspace:
                 handle.write(DICTIONARY.format(hostname=device[0], device_type=device[1],
                                                port=7000 + number % 1000,
                                                pdu=number // 24, outlet=number % 24 + 1))
+        # A lab's dictionaries were written long before: on disk, not still being written
+        # back while the master reads them (which makes each open wait, measured at
+        # 0.3 ms instead of 10 us on this machine).
+        os.sync()
 
     def close(self):
         if self.schema is not None:

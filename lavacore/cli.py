@@ -117,6 +117,7 @@ def cmd_config(args):
     """The configuration the master would run with, or the error it would stop with."""
     from . import config as config_mod
     from . import plugins, privileges
+    from .config import ConfigError
 
     config = config_mod.load(args.config)
     if config.master.user:
@@ -124,6 +125,16 @@ def cmd_config(args):
         privileges.identity(config.master.user, config.master.group)
     warnings = config_mod.check_files(config)
     pm = plugins.build(config)
+    from .storage import StorageError
+
+    try:
+        # The backend checks its [storage] options as the master's start would (it
+        # connects only when opened, which this is not).
+        if pm.hook.storage(config=config) is None:
+            raise ConfigError("[storage] backend: no storage plugin named %r is installed"
+                              % config.storage.backend)
+    except StorageError as exc:
+        raise ConfigError(str(exc)) from None
     data = config_mod.effective(config, plugins.plugin_tables(pm, config))
     ignored = ["[%s]: plugin %s is disabled ([plugins] disable): this table is ignored"
                % item for item in sorted(pm.lavacore_ignored_tables.items())]

@@ -72,11 +72,18 @@ class SchedulingView:
         return heapq.merge(*streams, key=queue_rank)
 
     def _streams(self, device_type):
+        """[(JSON text, frozenset)] of the tag sets queued for ``device_type``: read at
+        once for every type with devices in this pass, then for any other type asked."""
         if self._tag_sets is None:
-            self._tag_sets = {
-                kind: [(text, frozenset(json.loads(text) if text else ())) for text in texts]
-                for kind, texts in self.storage.queued_tag_sets_by_type().items()}
-        return self._tag_sets.get(device_type, ())
+            self._tag_sets = {}
+        if device_type not in self._tag_sets:
+            kinds = [device_type] + [t for t in self.device_types()
+                                     if t not in self._tag_sets and t != device_type]
+            found = self.storage.queued_tag_sets_by_type(kinds)
+            for kind in kinds:
+                self._tag_sets[kind] = [(text, frozenset(json.loads(text) if text else ()))
+                                        for text in found.get(kind, ())]
+        return self._tag_sets[device_type]
 
     def _read_heads(self, device_type, devices):
         """The head of every stream of every type with devices, in one storage call."""

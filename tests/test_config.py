@@ -137,7 +137,7 @@ def test_config_command_prints_the_effective_configuration(tmp_path):
         '[storage]\nbackend = "sqlite"\nurl = "var/lavacore.db"',
         '[storage]\nbackend = "postgres"\n'
         'url = "postgresql://lab:hunter2@db.example:5432/lab"\n'
-        'options = { password = "hunter3", schema = "s" }')
+        'options = { pool_size = 3, schema = "s" }')
     open(path, "w").write(text + '[logging]\nfile = "log/master.log"\n')
     done = run_cli(path, "config")
     assert done.returncode == 0, done.stderr
@@ -149,7 +149,7 @@ def test_config_command_prints_the_effective_configuration(tmp_path):
     assert data["logging"] == {"file": str(tmp_path / "log" / "master.log"),
                                "level": "INFO", "format": ""}
     assert data["storage"]["url"] == "postgresql://lab:********@db.example:5432/lab"
-    assert data["storage"]["options"] == {"password": "********", "schema": "s"}
+    assert data["storage"]["options"] == {"pool_size": 3, "schema": "s"}
     assert data["coordinator"]["listen"] == "tcp://127.0.0.1:0"     # the plugin's table
     assert data["coordinator"]["read_timeout"] == 10.0              # with its defaults
     assert [d["hostname"] for d in data["devices"]] == ["qemu01"]
@@ -172,6 +172,12 @@ def test_config_command_prints_the_effective_configuration(tmp_path):
     ('[coordinator]\nlisten = "udp://x"\n', "[coordinator] listen: expected tcp://"),
     ('[master]\nuser = "no-such-user-here"\n', "[master] user: no such user"),
     ('[master]\ndispatcher_config = "nowhere"\n', "[master] dispatcher_config: "),
+    ('[storage]\noptions = { busy_timout = 1 }\n', "[storage] options: unknown key busy_timout"),
+    ('[storage]\noptions = { busy_timeout = "abc" }\n', "[storage] options busy_timeout: a"),
+    ('[storage]\noptions = { synchronous = "NORMAL; DROP" }\n',
+     "[storage] options synchronous: one of OFF, NORMAL, FULL, EXTRA"),
+    ('[storage]\nbackend = "postgres"\nurl = "postgresql://x@127.0.0.1/test"\n'
+     'options = { pool_sise = 3 }\n', "[storage] options: unknown key pool_sise"),
 ])
 def test_config_command_fails_as_the_master_does(tmp_path, text, what):
     (tmp_path / "etc" / "dispatcher-config").mkdir(parents=True)
@@ -183,6 +189,20 @@ def test_config_command_fails_as_the_master_does(tmp_path, text, what):
     assert len(done.stderr.strip().splitlines()) == 1
     assert what in done.stderr
     assert done.stderr.strip() == _master_error(str(path))
+
+
+def test_a_libpq_keyword_string_has_its_password_masked(tmp_path):
+    path = write_config(tmp_path)
+    text = open(path).read().replace(
+        '[storage]\nbackend = "sqlite"\nurl = "var/lavacore.db"',
+        '[storage]\nbackend = "postgres"\n'
+        "url = \"host=db.example dbname=lab user=lab password='hunter 2' sslmode=require\"")
+    open(path, "w").write(text)
+    done = run_cli(path, "config")
+    assert done.returncode == 0, done.stderr
+    assert "hunter" not in done.stdout
+    assert tomllib.loads(done.stdout)["storage"]["url"] == \
+        "host=db.example dbname=lab user=lab password=******** sslmode=require"
 
 
 def test_shipped_configs_name_only_files_that_exist():

@@ -14,7 +14,7 @@ import pytest
 from conftest import job_yaml
 from lavacore.models import Device, Job
 from lavacore.scheduling import SchedulingView, job_fits, queue_rank
-from lavacore.states import CHECKABLE_HEALTH, DeviceHealth, JobState, WorkerState
+from lavacore.states import CHECKABLE_HEALTH, DeviceHealth, DeviceState, JobState, WorkerState
 from lavacore.storage import SCHEMA_VERSION
 from lavacore_plugins.scheduler_fifo import fifo
 
@@ -158,6 +158,9 @@ def test_stream_heads_are_the_streams_first_pages(storage):
             expected.setdefault(job.requested_device_type, set()).add(job.tags)
     assert {t: {tuple(json.loads(s)) for s in sets} for t, sets in found.items()} == expected
     assert all(len(sets) == len(set(sets)) for sets in found.values())
+    some = storage.queued_tag_sets_by_type(["c", "a", "zzz", "a"])
+    assert {t: sorted(sets) for t, sets in some.items()} == \
+        {t: sorted(found[t]) for t in ("a", "c")}
     streams = [(t, s, rng.randrange(1, 40)) for t, sets in sorted(found.items())
                for s in sets] + [("a", '["nothing"]', 3), ("zzz", "[]", 2)]
     heads = storage.queued_stream_heads(streams + [streams[0][:2] + (1,)])
@@ -170,6 +173,21 @@ def test_stream_heads_are_the_streams_first_pages(storage):
                                           requested_device_type=device_type)
              if list(j.tags) == json.loads(tags)), key=queue_rank)][:size]
     assert storage.queued_stream_heads([]) == {}
+
+
+def test_candidates_of_a_type_with_devices_of_the_callers_own(storage):
+    """A scheduler may ask for the queue of a type the pass has no idle device of, with
+    devices of its own choosing: it gets that type's jobs that fit them, in order."""
+    add_devices(storage, [("q1", "qemu", (), True), ("b1", "bbb", ("usb",), False)])
+    storage.update_device("b1", state=DeviceState.RUNNING)
+    ids = storage.insert_jobs([queued("bbb", tags=tags, priority=p)
+                               for tags, p in (((), 10), (("usb",), 90), (("gpu",), 99))])
+    storage.insert_jobs([queued("qemu")])
+    view = SchedulingView(storage, rng=random.Random(0))
+    assert view.device_types() == ["qemu"]
+    assert [j.requested_device_type for j in view.candidates("qemu")] == ["qemu"]
+    mine = [storage.get_device("b1")]
+    assert [j.id for j in view.candidates("bbb", mine)] == [ids[1], ids[0]]
 
 
 def test_queued_records_are_the_tables_records(storage):

@@ -183,14 +183,44 @@ class _DatagramListener:
         self._sock.close()
 
 
+# [storage] options of this backend: name -> (check, default, what it is).
+SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+OPTIONS = {
+    "synchronous": (SYNCHRONOUS, "NORMAL", "SQLite's PRAGMA synchronous"),
+    "busy_timeout": (float, 5.0, "seconds a statement waits for another process's lock"),
+}
+
+
+def options_of(config):
+    """The [storage] options for SQLite, checked: StorageError naming the key."""
+    options = dict(config.storage.options)
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise StorageError("[storage] options: unknown key %s for SQLite (known: %s)"
+                           % (", ".join(sorted(unknown)), ", ".join(sorted(OPTIONS))))
+    checked = {}
+    for key, (kind, default, _what) in OPTIONS.items():
+        value = options.get(key, default)
+        if isinstance(kind, tuple):
+            if not isinstance(value, str) or value.upper() not in kind:
+                raise StorageError("[storage] options %s: one of %s, got %r"
+                                   % (key, ", ".join(kind), value))
+            value = value.upper()
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise StorageError("[storage] options %s: a number of seconds, got %r"
+                               % (key, value))
+        checked[key] = value
+    return checked
+
+
 @hookimpl(trylast=True)
 def storage(config):
     if config.storage.backend != "sqlite":
         return None
-    options = config.storage.options
+    options = options_of(config)
     return SQLiteStorage(config.resolve(config.storage.url),
-                         synchronous=options.get("synchronous", "NORMAL"),
-                         busy_timeout=float(options.get("busy_timeout", 5.0)))
+                         synchronous=options["synchronous"],
+                         busy_timeout=float(options["busy_timeout"]))
 
 
 def _sender_uid(ancillary):
