@@ -10,6 +10,7 @@ is installed and the server answers), written to bench/results/results.md and .j
 import argparse
 import dataclasses
 import os
+import shutil
 import signal
 import sys
 import time
@@ -131,6 +132,8 @@ def main(argv=None):
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of other scenarios/backends already in --out")
     args = parser.parse_args(argv)
+    if args.profile and shutil.which("py-spy") is None:
+        parser.error("--profile needs py-spy (pip install py-spy)")
     # SIGTERM (and SIGINT, which a shell's background job ignores) unwind through the
     # scenarios' cleanups, so no master or simulator is left running.
     signal.signal(signal.SIGTERM, _interrupted)

@@ -37,28 +37,7 @@ import xmlrpc.client
 from .harness import (BenchError, MasterProcess, ServerProcess, Workspace, add_devices,
                       cleanup, free_port, postgres_problem, _proc_stat)
 
-JOB = """\
-device_type: qemu
-job_name: api-scale
-priority: medium
-visibility: public
-timeouts:
-  job:
-    minutes: 5
-actions:
-- test:
-    definitions:
-    - from: inline
-      name: smoke
-      path: inline/smoke.yaml
-      repository:
-        metadata:
-          format: Lava-Test Test Definition 1.0
-          name: smoke
-        run:
-          steps:
-          - echo hello
-"""
+from .api_bench import JOB  # the same small job as the single-process API benchmark
 
 DEVICE = ("qemu01", "qemu", "worker1", ())
 

@@ -308,7 +308,12 @@ class ServerProcess:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self._log, cwd=cwd or ROOT, env=env,
                                      preexec_fn=_pin(cpus))
-        self.t_ready = self._wait_ready(timeout)
+        try:
+            self.t_ready = self._wait_ready(timeout)
+        except BaseException:
+            self.proc.kill()  # never left running behind a failed start
+            self.proc.wait()
+            raise
         if profile:
             self.spy = subprocess.Popen(
                 ["py-spy", "record", "--pid", str(self.proc.pid), "--rate", "250",

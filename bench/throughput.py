@@ -18,7 +18,7 @@ from .harness import (BenchError, MasterProcess, SimProcess, Workspace, add_devi
 NUMBER = 4
 NAME = "throughput"
 TITLE = "End-to-end throughput, zero-length jobs"
-TARGET = 500.0
+TARGET = 1000.0
 SIZES = {
     "full": {"workers": 1000, "jobs": 5000},
     "small": {"workers": 200, "jobs": 1000},
@@ -74,11 +74,13 @@ def run(backend, size, ctx):
     # The middle 80% of completions, without the connect ramp-up and the tail.
     low, high = percentile(times, 10), percentile(times, 90)
     steady = 0.8 * size["jobs"] / (high - low) if high > low else rate
-    target = TARGET if backend == "sqlite" else None
+    # SQLite's target, and 60% of it on PostgreSQL (each job a few transactions there,
+    # every statement a round trip).
+    target = TARGET if backend == "sqlite" else 0.6 * TARGET
     return [row(NUMBER, "jobs started and finished per second, %d workers" % size["workers"],
                 backend, round(rate, 1), "jobs/s",
-                target=">= %d/s" % TARGET if target else None,
-                ok=(rate >= TARGET) if target else None,
+                target=">= %d/s" % target if target else None,
+                ok=(rate >= target) if target else None,
                 note="%d jobs in %.2f s (first START to last END_OK); middle 80%%: %.0f/s; "
                      "master CPU %.0f%% of one core, RSS %.0f MB; all Finished/Complete "
                      "in the database %.2f s after the last END_OK"

@@ -31,7 +31,6 @@ master's wake-up socket are local); a pool needs PostgreSQL (see :func:`check_st
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
@@ -43,7 +42,7 @@ import gevent.socket
 import zmq.green as zmq
 
 from . import config as config_mod
-from . import logsetup, permissions, plugins, sdnotify
+from . import logsetup, permissions, plugins, sdnotify, signals
 from .clock import Clock
 from .config import ConfigError
 from .devices import DeviceTemplates
@@ -51,6 +50,8 @@ from .flow import Flow, job_event
 from .jobfiles import JobFiles
 from .netaddr import needs_ipv6
 from .ratelog import RateLimitedLog
+from .services.api import ApiService
+from .services.base import Service
 from .storage import NotFound, StorageError
 
 log = logging.getLogger("lavacore.api")
@@ -429,50 +430,26 @@ def published_endpoint(config, events_url):
 
 # -- services --------------------------------------------------------------------------------
 
-class _Service:
+class _Service(Service):
+    """A service of an API process: the master's Service life cycle, on the host that
+    stands in for the master."""
+
     name = "service"
 
     def __init__(self, host):
+        super().__init__(host)
         self.host = host
-        self.greenlet = None
-        self.stopping = gevent.event.Event()
-
-    def setup(self):
-        pass
-
-    def run(self):
-        self.stopping.wait()
-
-    def teardown(self):
-        pass
-
-    def start(self):
-        self.setup()
-        self.greenlet = gevent.spawn(self.run)
-        self.greenlet.name = self.name
-        return self.greenlet
-
-    def stop(self, timeout=5):
-        if self.stopping.is_set():
-            return
-        self.stopping.set()
-        if self.greenlet is not None and not self.greenlet.dead and \
-                self.greenlet is not gevent.getcurrent():
-            self.greenlet.kill(block=True, timeout=timeout)
-        self.teardown()
 
 
-class HttpService(_Service):
+class HttpService(ApiService):
     """gevent's WSGI server, as in the master (lavacore/services/api.py: the same
-    deadlines on request heads and bodies, the same per-client limits), on this process's
-    socket. In a pool the per-client counts are the pool's (lavacore/api/shared.py)."""
-
-    name = "api"
+    deadlines on request heads and bodies, the same per-client limits, the same run and
+    stop), on this process's socket. In a pool the per-client counts are the pool's
+    (lavacore/api/shared.py)."""
 
     def __init__(self, host):
         super().__init__(host)
-        self.server = None
-        self.app = None
+        self.host = host
 
     def setup(self):
 
@@ -512,24 +489,6 @@ class HttpService(_Service):
             shared=connections, metrics=host.api_metrics)
         self.server.init_socket()
         host.url = "http://%s:%d" % (_url_host(address[0]), address[1])
-
-    def run(self):
-        self.server.start()
-        self.stopping.wait()
-
-    def teardown(self):
-        from .services.api import STOP_GRACE as GRACE
-
-        server, self.server = self.server, None
-        if server is None:
-            return
-        server.close()
-        if self.app is not None:
-            self.app.idle.wait(GRACE)
-        server.cut()
-        if server.pool is not None:
-            server.pool.kill(block=True, timeout=1)
-
 
 def _server_class():
     """The master's server class with per-client connection counts that can be a pool's,
@@ -647,7 +606,7 @@ class EventFeed(_Service):
     def run(self):
         if self.socket is None:
             return super().run()
-        from .services.base import Service, recv_bounded
+        from .services.base import recv_bounded
 
         plain = Service.plain(self.socket)
         poller = zmq.Poller()
@@ -743,18 +702,7 @@ class NotifyListener(_Service):
 def serve(host, ready=None):
     """Start ``host``, serve until SIGTERM/SIGINT (exit 0) or a crash (exit 1). SIGHUP
     reopens the log. ``ready()`` is called once it serves."""
-    interrupts = []
-
-    def on_stop(signum):
-        if signum == signal.SIGINT and interrupts:
-            os._exit(130)
-        interrupts.append(signum)
-        log.info("signal %s: stopping", signal.Signals(signum).name)
-        gevent.spawn(host.stop)
-
-    handlers = [gevent.signal_handler(signal.SIGTERM, on_stop, signal.SIGTERM),
-                gevent.signal_handler(signal.SIGINT, on_stop, signal.SIGINT),
-                gevent.signal_handler(signal.SIGHUP, host.reload)]
+    handlers = signals.install(host.stop, host.reload, log)
     try:
         host.start()
         if ready is not None:

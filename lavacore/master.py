@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 
 import gevent
 import gevent.event
@@ -16,7 +15,7 @@ import gevent.subprocess
 import zmq.green as zmq
 
 from . import config as config_mod
-from . import devices, health, logsetup, plugins, present, protocol, sdnotify
+from . import devices, health, logsetup, plugins, present, protocol, sdnotify, signals
 from .clock import Clock
 from .config import ConfigError
 from . import flow as flow_mod
@@ -234,18 +233,7 @@ class Master:
         """Start, then serve until SIGTERM/SIGINT (exit 0) or a service crash (exit 1). A
         second SIGINT kills at once. SIGHUP reloads device dictionaries and worker files.
         The handlers are in place before anything starts, so no signal is missed."""
-        interrupts = []
-
-        def on_stop(signum):
-            if signum == signal.SIGINT and interrupts:
-                os._exit(130)
-            interrupts.append(signum)
-            log.info("signal %s: stopping", signal.Signals(signum).name)
-            gevent.spawn(self.stop)
-
-        handlers = [gevent.signal_handler(signal.SIGTERM, on_stop, signal.SIGTERM),
-                    gevent.signal_handler(signal.SIGINT, on_stop, signal.SIGINT),
-                    gevent.signal_handler(signal.SIGHUP, self.reload)]
+        handlers = signals.install(self.stop, self.reload, log)
         try:
             # From the start: a standby waiting for the database lock is alive too.
             self._sd_watchdog = sdnotify.start_watchdog(alive=self.services_run)
