@@ -254,20 +254,6 @@ class DeviceTemplates:
         found = self._source(hostname + ".jinja2")
         return found[0] if found else None
 
-    def extends(self, hostname):
-        """The device type template a dictionary extends, without ``.jinja2``."""
-        text = self.dictionary(hostname)
-        if text is None:
-            return None
-        try:
-            ast = self.environment().parse(text)
-        except (jinja2.TemplateSyntaxError, RecursionError, MemoryError):
-            return None
-        for node in ast.find_all(jinja2.nodes.Extends):
-            if isinstance(node.template, jinja2.nodes.Const):
-                return str(node.template.value).rsplit(".jinja2", 1)[0]
-        return None
-
     def render_text(self, hostname, context=None):
         """The device configuration of ``hostname`` for a job ``context``, as the YAML
         text START sends; from the cache when nothing it came from changed."""

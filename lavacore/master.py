@@ -316,10 +316,7 @@ class Master:
         for item in self.config.devices:
             self._apply_device(item, None, start=True,
                                relisted=previous is not None and item.hostname not in previous)
-            if self.templates.dictionary(item.hostname) is None:
-                log.warning("device %s: no device dictionary (%s/devices/%s.jinja2, or one"
-                            " set through the API): its jobs fail until it has one",
-                            item.hostname, self.templates.root, item.hostname)
+            self._warn_without_dictionary(item.hostname)
         if previous is not None:
             listed = {d.hostname for d in self.config.devices}
             for hostname in sorted(previous - listed):
@@ -340,6 +337,12 @@ class Master:
         self.storage.set_blob("config", "devices", json.dumps(
             sorted(d.hostname for d in self.config.devices)))
 
+    def _warn_without_dictionary(self, hostname):
+        if self.templates.dictionary(hostname) is None:
+            log.warning("device %s: no device dictionary (%s/devices/%s.jinja2, or one set"
+                        " through the API): its jobs fail until it has one", hostname,
+                        self.templates.root, hostname)
+
     def _apply_devices(self, old, new):
         """SIGHUP: what changed in [[devices]] since the running configuration."""
         before = {item.hostname: item for item in old}
@@ -347,10 +350,7 @@ class Master:
             previous = before.pop(item.hostname, None)
             if previous != item:
                 self._apply_device(item, previous, relisted=previous is None)
-                if self.templates.dictionary(item.hostname) is None:
-                    log.warning("device %s has no dictionary (%s/devices/%s.jinja2, or set"
-                                " through the API): its jobs cannot start", item.hostname,
-                                self.templates.root, item.hostname)
+                self._warn_without_dictionary(item.hostname)
         for hostname in sorted(before):
             self._pending_devices.pop(hostname, None)
             self._retire_device(hostname)

@@ -47,7 +47,7 @@ import urllib.parse
 
 from .. import __version__, logformat
 from . import jobdir, procs, proctree
-from .logsender import LOG_COPY, LogSender
+from .logsender import run_with_sender
 
 DEFAULT_LAVA_RUN = "lava-run"
 # lava-run's work space, <dir>/<dispatcher prefix><job id> (lava_common.constants): lava-run
@@ -603,23 +603,8 @@ def main(argv=None):
     if args.log_interval < 1:
         print("lavacore-lava-run: --log-interval must be at least 1", file=sys.stderr)
         return 1
-    sender = LogSender(args.logging_url, args.job_id, ipv6=args.ipv6,
-                       master_cert=args.master_cert, worker_cert=args.slave_cert,
-                       copy=os.path.join(args.output_dir, LOG_COPY))
-    try:
-        sender.connect()
-    except Exception as exc:
-        print("lavacore-lava-run: cannot connect to %s: %s" % (args.logging_url, exc),
-              file=sys.stderr)
-        return 1
-    try:
-        ok = JobRun(args, sender, signals).run()
-    finally:
-        sender.close()
-    if sender.dropped:
-        print("lavacore-lava-run: %d log line(s) dropped: the master did not read them"
-              % sender.dropped, file=sys.stderr)
-    return 0 if ok else 1
+    return run_with_sender("lavacore-lava-run", args,
+                           lambda sender: JobRun(args, sender, signals).run())
 
 
 if __name__ == "__main__":

@@ -131,3 +131,27 @@ class LogSender:
             self._ctx = None
         else:
             sys.stdout.flush()
+
+
+def run_with_sender(program, args, run):
+    """What a runner's main does around its job (lava-run's arguments in ``args``):
+    connect a LogSender to the master's log socket, keeping the local copy in the
+    output directory, call ``run(sender)`` (true when the job ran to its end), close,
+    and say on stderr what could not be sent. Returns the exit status."""
+    sender = LogSender(args.logging_url, args.job_id, ipv6=args.ipv6,
+                       master_cert=args.master_cert, worker_cert=args.slave_cert,
+                       copy=os.path.join(args.output_dir, LOG_COPY))
+    try:
+        sender.connect()
+    except Exception as exc:
+        print("%s: cannot connect to %s: %s" % (program, args.logging_url, exc),
+              file=sys.stderr)
+        return 1
+    try:
+        ok = run(sender)
+    finally:
+        sender.close()
+    if sender.dropped:
+        print("%s: %d log line(s) dropped: the master did not read them"
+              % (program, sender.dropped), file=sys.stderr)
+    return 0 if ok else 1

@@ -27,7 +27,7 @@ import yaml
 
 from .. import __version__
 from . import environ, gitdefs, jobdef
-from .logsender import LOG_COPY, LogSender
+from .logsender import run_with_sender
 from .testshell import TestShell
 
 try:
@@ -480,23 +480,8 @@ def main(argv=None):
             print("lavacore-run: invalid job: %s" % exc, file=sys.stderr)
             return 1
         return 0
-    sender = LogSender(args.logging_url, args.job_id, ipv6=args.ipv6,
-                       master_cert=args.master_cert, worker_cert=args.slave_cert,
-                       copy=os.path.join(args.output_dir, LOG_COPY))
-    try:
-        sender.connect()
-    except Exception as exc:
-        print("lavacore-run: cannot connect to %s: %s" % (args.logging_url, exc),
-              file=sys.stderr)
-        return 1
-    try:
-        ok = JobRun(args, sender, signals).run()
-    finally:
-        sender.close()
-    if sender.dropped:
-        print("lavacore-run: %d log line(s) dropped: the master did not read them"
-              % sender.dropped, file=sys.stderr)
-    return 0 if ok else 1
+    return run_with_sender("lavacore-run", args,
+                           lambda sender: JobRun(args, sender, signals).run())
 
 
 if __name__ == "__main__":
