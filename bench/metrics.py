@@ -381,17 +381,20 @@ def run(backend, size, ctx):
                                      lines, zipped / 1024)))
         handled, counting = _message_overhead(master, size["messages"])
         rows.append(row(NUMBER, "counting per worker message", backend, round(counting, 1),
-                        "ns", note="%.1f%% of the controller's %.2f us per PING handled"
-                                   " (a dict increment)" % (
-                                       100 * counting / 1000 / handled, handled)))
+                        "ns", difference=True,
+                        note="%.1f%% of the controller's %.2f us per PING handled"
+                             " (a dict increment)" % (100 * counting / 1000 / handled,
+                                                      handled)))
         taken, per_line = _line_overhead(master, storage, size["lines"])
         rows.append(row(NUMBER, "counting per log line", backend, round(per_line, 1), "ns",
+                        difference=True,
                         note="%.2f%% of the log service's %.2f us per line taken through"
                              " its socket" % (100 * per_line / 1000 / taken, taken)))
         off, on = _statement_overhead(storage, size["statements"])
         rows.append(row(NUMBER, "statement timer", backend, round((on - off) * 1000, 0),
-                        "ns", note="an indexed read: %.1f us without the timer, %.1f us"
-                                   " with it (%+.1f%%)" % (off, on, 100 * (on - off) / off)))
+                        "ns", difference=True,
+                        note="an indexed read: %.1f us without the timer, %.1f us"
+                             " with it (%+.1f%%)" % (off, on, 100 * (on - off) / off)))
     if backend == BACKENDS[0]:
         for name, cost in _library_costs().items():
             rows.append(row(NUMBER, name, backend, round(cost), "ns",

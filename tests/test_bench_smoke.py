@@ -35,7 +35,9 @@ def check_rows(rows, module, backend):
         value = item["value"]
         assert isinstance(value, (int, float)) and not isinstance(value, bool), item
         assert math.isfinite(value), item
-        if "exponent" not in item["measure"]:
+        # A difference of two timings (an overhead) can come out at or below zero in the
+        # noise of a loaded machine; every other figure is a positive measure.
+        if "exponent" not in item["measure"] and not item.get("difference"):
             assert value > 0, item
         assert item["ok"] in (True, False, None)
         if item["target"]:
