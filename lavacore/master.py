@@ -113,6 +113,10 @@ class Master:
             return self
         self._leadership = True
         self.files = JobFiles(self.output_root)
+        # job id -> clock.monotonic() of its last START: a periodic pass leaves a START
+        # younger than half a schedule_interval alone (under load, its START_OK is queued,
+        # not lost; resending it would only add work to a master already behind).
+        self._start_sent = {}
         self.templates = devices.DeviceTemplates(
             self.config.resolve(self.config.master.dispatcher_config), self.storage)
         self.context = zmq.Context()
@@ -684,6 +688,7 @@ class Master:
         texts = list(texts)
         texts[0] = self._for_worker(job, texts[0])
         self.controller.send(worker, protocol.start(job.id, *texts))
+        self._start_sent[job.id] = self.clock.monotonic()
 
     def _for_worker(self, job, definition):
         """The definition as the worker gets it: a deploy header naming one of the
@@ -705,10 +710,20 @@ class Master:
                          comment=reason)
 
     def resend_starts(self, worker=None):
-        """START again for jobs still Scheduled, from the files kept at the first START."""
+        """START again for jobs still Scheduled, from the files kept at the first START:
+        every job of ``worker`` (it came back Online and may have lost them), or, in the
+        periodic pass, the jobs whose last START is older than half a schedule_interval
+        (so a lost START is resent within one and a half intervals)."""
+        began = self.clock.monotonic()
+        recent = None if worker is not None else \
+            began - self.config.master.schedule_interval / 2.0
+        scheduled = set()
         for job in self.storage.list_jobs(state=JobState.SCHEDULED, worker=worker):
+            scheduled.add(job.id)
             if job.worker not in self.controller.seen or job.end_seen is not None:
                 continue  # (an END implies the job ran: never START it again)
+            if recent is not None and self._start_sent.get(job.id, recent) > recent:
+                continue
             texts = self.files.start_texts(job)
             if texts is None:
                 device = self.storage.get_device(job.actual_device) if job.actual_device \
@@ -716,6 +731,9 @@ class Master:
                 self.start_job(job, device)
             else:
                 self.send_start(job.worker, job, texts)
+        if worker is None:  # forget the jobs no longer Scheduled
+            self._start_sent = {job_id: when for job_id, when in self._start_sent.items()
+                                if job_id in scheduled or when >= began}
 
     def send_cancel(self, job_id):
         job_id = _int(job_id)

@@ -257,6 +257,28 @@ def test_start_resent_every_full_pass_until_start_ok(lab):
     lab.settled(worker)
 
 
+def test_a_periodic_pass_leaves_a_fresh_start_alone(lab):
+    """A master behind on its messages has START_OKs waiting in its queue, not lost: the
+    periodic pass resends only a START older than half a schedule_interval, so a busy
+    master does not add work; a worker coming back Online gets its STARTs at once."""
+    clock = lab.clock()
+    lab = lab(master={"schedule_interval": 600, "worker_timeout": 100000}, clock=clock)
+    worker = lab.worker()
+    job_id = lab.submit()
+    first = worker.expect("START")
+    lab.wait_for(lab.master.scheduler.idle, what="an idle scheduler")
+    lab.master.full_pass()  # the START is younger than 300 s: left alone
+    worker.send("PING")
+    assert worker.expect("PONG", skip=(b"HELLO_OK",))[0] == b"PONG"
+    clock.advance(301)
+    lab.master.full_pass()
+    assert worker.expect("START", skip=(b"PONG",)) == first
+    lab.master.workers_online(["worker1"])  # back Online: whatever its START's age
+    assert worker.expect("START", skip=(b"PONG",)) == first
+    worker.send("START_OK", job_id)
+    lab.wait_for(lambda: lab.job(job_id).state == JobState.RUNNING)
+
+
 def test_cancel_running_job_sends_cancel_until_end(lab):
     lab = lab(master={"schedule_interval": 0.1})
     worker = lab.worker()
