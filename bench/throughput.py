@@ -52,6 +52,7 @@ def run(backend, size, ctx):
                        timeout=60 + size["jobs"] / 20.0)
         cpu = master.cpu_seconds() - cpu0
         times = sorted(sim.call("end_ok_times")["times"])
+        starts = sim.call("stats")["counts"]["starts"]
         rss = master.rss_mb()
         # END_OK may leave before the job is Finished (its result still on the way).
         t_done = time.monotonic()
@@ -82,9 +83,10 @@ def run(backend, size, ctx):
                 target=">= %d/s" % target if target else None,
                 ok=(rate >= target) if target else None,
                 note="%d jobs in %.2f s (first START to last END_OK); middle 80%%: %.0f/s; "
-                     "master CPU %.0f%% of one core, RSS %.0f MB; all Finished/Complete "
-                     "in the database %.2f s after the last END_OK"
-                     % (size["jobs"], seconds, steady, 100 * cpu / seconds, rss, lag)),
+                     "master CPU %.0f%% of one core, RSS %.0f MB; %d STARTs sent; all "
+                     "Finished/Complete in the database %.2f s after the last END_OK"
+                     % (size["jobs"], seconds, steady, 100 * cpu / seconds, rss, starts,
+                        lag)),
             row(NUMBER, "file creations/s in the workspace, after the run", backend,
                 round(creates), "files/s",
                 note="reference, same run: the disk's own limit on jobs/s is this divided "

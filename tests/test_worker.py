@@ -5,6 +5,7 @@ loop, with real runners and a real sqlite job table. Intervals are a tenth of a 
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -23,7 +24,7 @@ from workerutil import (FAST, PY, RUNNER, FakeMaster, acknowledged,  # noqa: E40
                         description_of,
                         fill_filesystem, job_yaml, process_gone, small_filesystem,
                         start_frames, start_worker, stop_process, table_rows, wait_for_file,
-                        wait_until)
+                        wait_until, worker_argv)
 
 HOST = "worker1"
 
@@ -299,6 +300,91 @@ def test_worker_killed_and_restarted_keeps_tracking_its_job(master, workers, tmp
     assert master.wait_job_result(21)["result"] == "pass"
     master.send(HOST, protocol.end_ok(21))
     wait_until(lambda: acknowledged(work, 21), master=master, what="job acknowledged")
+
+
+# The worker's command line with jobdir.spawn wrapped: SIGKILL to the worker itself
+# before the runner is started ("before") or once it is, before its pid is noted ("after").
+KILLED_AT_SPAWN = textwrap.dedent("""\
+    import os, signal, sys
+    import lavacore.worker.jobdir as jobdir
+    real = jobdir.spawn
+    def spawn(*args, **kwargs):
+        if sys.argv[1] == "after":
+            real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+    jobdir.spawn = spawn
+    from lavacore.worker.cli import main
+    sys.exit(main(sys.argv[2:]))
+    """)
+
+
+def killed_at_spawn(workers, master, work_dir, moment):
+    argv = worker_argv(master, work_dir, HOST)
+    os.makedirs(str(work_dir), exist_ok=True)
+    proc = subprocess.Popen([PY, "-c", KILLED_AT_SPAWN, moment] + argv[3:])
+    workers.append(proc)
+    return proc
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("moment", ["before", "after"])
+def test_worker_killed_while_starting_a_runner(master, workers, tmp_path, moment):
+    """A worker killed between noting a job and noting its runner's pid: the next worker
+    process runs the job when START comes again if no runner started ("before"), or
+    tracks the one that did ("after"); the job's steps run exactly once either way."""
+    work = tmp_path / "work"
+    runs, flag = tmp_path / "runs", tmp_path / "go"
+    definition = job_yaml(["echo ran >> %s" % runs, wait_for_file(flag),
+                           "lava-test-case once --result pass"])
+    first = killed_at_spawn(workers, master, work, moment)
+    master.connect(HOST)
+    master.send(HOST, start_frames(41, definition))
+    assert first.wait(10) == -signal.SIGKILL
+    assert table_rows(work)[41][:2] == (0, RUNNING)  # noted, no pid: the window
+    spawn(workers, master, work)
+    master.connect(HOST)
+    # START_OK never came: the master sends START again.
+    master.send(HOST, start_frames(41, definition))
+    master.expect("START_OK", job_id=41)
+    wait_until(runs.exists, master=master, what="the job's first step")
+    wait_until(lambda: table_rows(work)[41][0] != 0, master=master,
+               what="the runner's pid noted")
+    flag.touch()
+    _, _, frames = master.expect("END", job_id=41, timeout=20)
+    assert description_of(frames)["compatibility"] == 1
+    assert master.wait_job_result(41)["result"] == "pass"
+    assert runs.read_text() == "ran\n"
+    master.send(HOST, protocol.end_ok(41))
+    wait_until(lambda: acknowledged(work, 41), master=master, what="job acknowledged")
+
+
+@pytest.mark.timeout(60)
+def test_a_runner_holds_its_jobs_lock_and_a_second_one_never_runs(tmp_path):
+    from lavacore.worker import jobdir
+
+    job = tmp_path / "job"
+    job.mkdir()
+    flag, second = tmp_path / "go", tmp_path / "second-ran"
+    assert jobdir.runner_state(str(job)) == "unknown"  # not started by this code
+    lock = jobdir.open_run_lock(str(job))
+    assert jobdir.runner_state(str(job)) == "never"
+    waiting = "import os, time\nwhile not os.path.exists(%r): time.sleep(0.02)\n" % str(flag)
+    try:
+        first = jobdir.spawn([PY, "-c", waiting], str(job), dict(os.environ), lock_fd=lock)
+    finally:
+        os.close(lock)
+    assert jobdir.runner_state(str(job)) == "running"
+    lock = jobdir.open_run_lock(str(job))
+    try:
+        with pytest.raises((OSError, subprocess.SubprocessError)):  # the lock's error
+            jobdir.spawn([PY, "-c", "open(%r, 'w')" % str(second)], str(job),
+                         dict(os.environ), lock_fd=lock)
+    finally:
+        os.close(lock)
+    flag.touch()
+    assert first.wait(10) == 0
+    assert jobdir.runner_state(str(job)) == "ended"
+    assert not second.exists()
 
 
 @pytest.mark.timeout(60)

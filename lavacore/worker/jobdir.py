@@ -1,6 +1,7 @@
 """A job's directory on the worker, ``<work dir>/tmp/<prefix><job id>``: the files START
 brings, the runner started in it, and what END reads back from it."""
 
+import fcntl
 import logging
 import lzma
 import os
@@ -35,6 +36,11 @@ _RESULTS = b'"lvl": "results"'  # unescaped quotes: only ever the level of a lin
 # END carries the runner's stderr; a runner that crashed in a loop can leave megabytes of
 # it, and the master only shows it as a failure comment, so only the tail is sent.
 MAX_STDERR = 1024 * 1024
+# A runner holds RUN_LOCK (flock) from before its exec until it ends, and RUN_MARK exists
+# once one held it: a worker killed while it started a runner lets the next one tell a
+# runner that runs, one that ran and ended, and one that never started (runner_state).
+RUN_LOCK = "runner.lock"
+RUN_MARK = "runner.started"
 
 
 def prefix(job_id, dispatcher):
@@ -120,9 +126,47 @@ def identity(user):
     return entry.pw_name, entry.pw_uid, entry.pw_gid
 
 
-def spawn(argv, job_dir, env, run_as=None):
+def open_run_lock(job_dir):
+    """The job's runner lock file, opened (created) for :func:`spawn`; the caller closes
+    it once the runner is started."""
+    return os.open(os.path.join(job_dir, RUN_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                   0o644)
+
+
+def runner_state(job_dir):
+    """What became of the runner of the job in ``job_dir``: "running" (its lock is held:
+    it runs, or is between fork and exec), "ended" (it held the lock once), "never" (no
+    runner ever took it) or "unknown" (no lock file: not started by this code)."""
+    try:
+        fd = os.open(os.path.join(job_dir, RUN_LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return "unknown"
+    except OSError:
+        return "unknown"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "running"
+    finally:
+        os.close(fd)  # (releases it when taken)
+    return "ended" if os.path.exists(os.path.join(job_dir, RUN_MARK)) else "never"
+
+
+def _holder(lock_fd, mark):
+    """The runner's first act, in the child between fork and exec: take the job's lock
+    (held across exec until the runner ends) or exit without running when another
+    runner of the job holds it; then leave the mark that it started."""
+    def hold():
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(os.open(mark, os.O_WRONLY | os.O_CREAT, 0o644))
+    return hold
+
+
+def spawn(argv, job_dir, env, run_as=None, lock_fd=None):
     """Start the runner with stdout/stderr in the job dir; return its gevent Popen.
-    ``run_as`` (name, uid, gid): the runner runs as that user, owning its job dir."""
+    ``run_as`` (name, uid, gid): the runner runs as that user, owning its job dir.
+    ``lock_fd`` (:func:`open_run_lock`): the runner takes it before it runs, and does not
+    run if another runner of the job holds it."""
     # Resolved with the worker's PATH, not the job's: a purged env must not hide it.
     if os.sep not in argv[0]:
         found = shutil.which(argv[0])
@@ -136,17 +180,21 @@ def spawn(argv, job_dir, env, run_as=None):
             open(os.path.join(job_dir, "stderr"), "wb") as err:
         # start_new_session: the runner leads its own session and process group, so a
         # worker that stops or dies leaves it running, and CANCEL can signal the group.
-        user = {}
+        options = {}
         if run_as is not None:
             name, uid, gid = run_as
             for root, dirs, files in os.walk(job_dir):
                 for entry in [root] + [os.path.join(root, n) for n in dirs + files]:
                     os.lchown(entry, uid, gid)
             env = dict(env, USER=name, LOGNAME=name)
-            user = {"user": uid, "group": gid, "extra_groups": os.getgrouplist(name, gid)}
+            options = {"user": uid, "group": gid,
+                       "extra_groups": os.getgrouplist(name, gid)}
+        if lock_fd is not None:
+            options["preexec_fn"] = _holder(lock_fd, os.path.join(job_dir, RUN_MARK))
+            options["pass_fds"] = (lock_fd,)
         return gevent.subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=err, env=env, cwd=job_dir, close_fds=True,
-                                       start_new_session=True, **user)
+                                       start_new_session=True, **options)
 
 
 def append_stderr(job_dir, text):

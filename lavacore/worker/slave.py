@@ -51,6 +51,9 @@ from .jobtable import (CANCELING, DONE, FINISHED, RUNNING, STATUS_NAMES, JobTabl
 log = logging.getLogger("lavacore.worker")
 
 MASTER = protocol.MASTER_IDENTITY
+# Seconds a runner may hold its lock without being found by its command line (see
+# Worker._starting) before the job counts as ended.
+STARTING_GRACE = 60.0
 
 _wake_ids = itertools.count()
 _EVENT_NAMES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed",
@@ -539,7 +542,7 @@ class Worker:
 
     def _on_start(self, job_id, definition, device, dispatcher, env, env_dut):
         self._mark_alive()
-        row = self.table.get(job_id)
+        row = self._settled(self.table.get(job_id))
         if row is not None:
             if row.status == DONE:
                 # lava-slave would have forgotten the job and run it again.
@@ -557,6 +560,10 @@ class Worker:
             return
         prefix = jobdir.prefix(job_id, dispatcher)
         job_dir = self._job_dir(prefix, job_id)
+        if jobdir.runner_state(job_dir) in ("running", "ended"):
+            self._runner_already_there(job_id, prefix)
+            return
+        lock = None
         try:
             jobdir.write_files(job_dir, definition, device, dispatcher, env_dut)
             env = environ.apply(os.environ, env, "env of job %d" % job_id)
@@ -564,11 +571,23 @@ class Worker:
             argv = jobdir.runner_argv(
                 command, job_id, job_dir, self.logs, bool(env_dut), self.ipv6,
                 (self.master_cert, self.worker_cert) if self.encrypt else None)
-            # The row first (pid 0: starting), so that a worker killed right after the
-            # spawn finds its runner again (by its command line) instead of starting a
-            # second one when START comes again.
+            lock = jobdir.open_run_lock(job_dir)
+            # The row first (pid 0: starting), so that a worker killed around the spawn
+            # finds its runner again (by its command line), or learns from the runner's
+            # lock that none started (_settled), instead of starting a second one or
+            # reporting a job that never ran as ended.
             self.table.insert(job_id, 0, RUNNING, self.clock(), prefix)
-            proc = jobdir.spawn(argv, job_dir, env, self.run_as)
+            try:
+                proc = jobdir.spawn(argv, job_dir, env, self.run_as, lock)
+            except (OSError, subprocess.SubprocessError):  # (what the lock raised, or not)
+                os.close(lock)  # (the lock is the open file's: ours would count too)
+                lock = None
+                if jobdir.runner_state(job_dir) == "running":
+                    # An earlier worker's runner of this job took the lock first. (A
+                    # runner that could not be executed released it: not this case.)
+                    self._runner_already_there(job_id, prefix)
+                    return
+                raise
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             # Spec 4.4 step 5-6: START_OK anyway; the END that follows carries the reason.
             reason = "cannot start the runner of job %d: %s" % (job_id, exc)
@@ -579,6 +598,9 @@ class Worker:
             self._send(protocol.start_ok(job_id))
             self._send_end(job_id, prefix)
             return
+        finally:
+            if lock is not None:
+                os.close(lock)  # the runner holds its own copy
         self._procs[job_id] = proc
         self.table.insert(job_id, proc.pid, RUNNING, self.clock(), prefix)
         proc.rawlink(functools.partial(self._child_exited, job_id))
@@ -595,16 +617,42 @@ class Worker:
             return self.lava_run_bridge
         return self.runner
 
+    def _runner_already_there(self, job_id, prefix):
+        """START for a job whose runner, started by an earlier worker process, runs or
+        ran: tracked again (its pid is found by the job check), never started twice."""
+        log.warning("job %d: START for a job whose runner an earlier worker process"
+                    " started: START_OK sent, its runner is tracked again", job_id)
+        self.table.insert(job_id, 0, RUNNING, self.clock(), prefix)
+        self._send(protocol.start_ok(job_id))
+
+    def _settled(self, row):
+        """``row``, or None when it is the row of a runner that never started: a worker
+        killed between noting the job (pid 0) and the runner taking its lock. Its START
+        was never acknowledged, so the master sends it again, and that START runs it."""
+        if row is None or row.pid != 0 or row.status not in (RUNNING, CANCELING):
+            return row
+        job_dir = self._job_dir(row.prefix, row.id)
+        if procs.find_runner(row.id, job_dir) is not None or \
+                jobdir.runner_state(job_dir) != "never":
+            return row
+        self.table.delete(row.id)
+        log.warning("job %d: its runner never started (the worker stopped while starting"
+                    " it): forgotten until the master's next START, which runs it", row.id)
+        return None
+
     def _on_cancel(self, job_id):
         self._mark_alive()
-        row = self.table.get(job_id)
+        row = self._settled(self.table.get(job_id))
         if row is None:
             self._end_unknown(job_id, "CANCEL")
         elif row.status == DONE:
             self._send_done(job_id)
         elif row.status == RUNNING:
             pid = self._alive(row)
-            if pid:
+            if not pid and self._starting(row):
+                log.info("job %d: CANCEL while its runner starts: left to the master's next"
+                         " CANCEL", job_id)
+            elif pid:
                 procs.signal_group(pid, signal.SIGTERM)
                 self.table.update(job_id, CANCELING, self.clock())
                 log.info("job %d canceled by the master: SIGTERM sent to process group %d",
@@ -628,7 +676,7 @@ class Worker:
 
     def _on_status(self, job_id):
         self._mark_alive()
-        row = self.table.get(job_id)
+        row = self._settled(self.table.get(job_id))
         if row is None:
             self._end_unknown(job_id, "STATUS")
         elif row.status == DONE:
@@ -700,8 +748,13 @@ class Worker:
         for row in self.table.all():
             if row.status == DONE:
                 continue
-            if row.pid == 0 and row.status != FINISHED and self._alive(row):
-                row = self.table.get(row.id)  # its runner found: the row has its pid now
+            if self._settled(row) is None:
+                continue  # never started: the master's next START runs it
+            if row.pid == 0 and row.status != FINISHED:
+                if self._alive(row):
+                    row = self.table.get(row.id)  # its runner found: the row has its pid
+                elif self._starting(row):
+                    continue  # between fork and exec: found at a later check
             if row.status == FINISHED:
                 # lava-slave does not refresh last_update, so END goes out at every check
                 # until END_OK; the 10% slack absorbs timer jitter between two checks.
@@ -752,6 +805,13 @@ class Worker:
                      row.id, pid)
             return pid
         return row.pid if procs.is_runner(row.pid, row.id, job_dir) else 0
+
+    def _starting(self, row):
+        """True for a row without pid whose runner holds its lock but is not found by its
+        command line yet: between fork and exec, a matter of milliseconds; after
+        STARTING_GRACE what holds the lock is what an ended runner left behind."""
+        return (self.clock() - row.last_update < STARTING_GRACE and
+                jobdir.runner_state(self._job_dir(row.prefix, row.id)) == "running")
 
     def _reap(self, job_id):
         # Only our own children can be waited for; runners inherited from a previous
