@@ -503,7 +503,7 @@ def test_requests_per_second_smoke_and_quick_stop_with_idle_connections(api):
     assert elapsed < 10, "200 jobs.show took %.1fs" % elapsed
     stopping = time.monotonic()
     lab.master.stop()
-    assert time.monotonic() - stopping < 1.5
+    assert time.monotonic() - stopping < 5  # not held by the slow clients (10 s deadline)
     for conn in conns + slow:
         conn.close()
 

@@ -122,7 +122,7 @@ def curve_worker(lab, keys, hostname, key_name=None, logs=False):
     return worker
 
 
-def greeted(worker, timeout=1.0):
+def greeted(worker, timeout=10.0):
     """HELLO, and True if HELLO_OK comes back within ``timeout``."""
     worker.send("HELLO", "3")
     try:

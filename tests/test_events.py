@@ -85,7 +85,7 @@ def test_external_publisher_wakes_the_master(lab):
         worker.send("PING")
         assert worker.recv() == [b"PONG", b"20"]
         # ...then the external publisher announces it, as LAVA's did.
-        for _ in range(20):
+        for _ in range(50):  # PUB/SUB joins late on a loaded machine
             external.send_multipart(encode_event(
                 "org.linaro.validation.testjob", "bob",
                 {"job": str(job.id), "state": "Submitted", "device_type": "qemu"}))

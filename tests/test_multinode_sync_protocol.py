@@ -119,13 +119,13 @@ def test_a_held_wait_is_answered_when_the_send_arrives(lab):
     assert not waiting.ready()  # held, not answered "wait"
     sent = time.monotonic()
     s.ask("lava_send", messageID="go", message={"k": "v"})
-    answer = waiting.get(timeout=5)
-    assert time.monotonic() - sent < 0.5
+    answer = waiting.get(timeout=10)
+    assert time.monotonic() - sent < 10  # on the send, not at the end of the 20 s hold
     assert answer == {"response": "ack", "message": {str(server): {"k": "v"}}}
     # A held request that cannot be answered in time says so, and who is awaited.
     started = time.monotonic()
     answer = s.ask("lava_sync", messageID="never", hold=0.3)
-    assert 0.25 < time.monotonic() - started < 3
+    assert 0.25 < time.monotonic() - started < 15  # its 0.3 s hold, not the 20 s ones
     assert answer["response"] == "wait" and answer["held"] is True
     assert {p["job"] for p in answer["pending"]} == {str(client1), str(client2)}
 
@@ -140,8 +140,8 @@ def test_a_member_that_ends_fails_the_waits_on_it_at_once(lab):
     assert not sync.ready() and not wait_all.ready()
     ended = time.monotonic()
     lab.master.flow.finish(client2, JobHealth.INCOMPLETE, comment="test")
-    answers = [sync.get(timeout=5), wait_all.get(timeout=5)]
-    assert time.monotonic() - ended < 1
+    answers = [sync.get(timeout=10), wait_all.get(timeout=10)]
+    assert time.monotonic() - ended < 10  # at once, not at the end of the 20 s holds
     assert all(a["response"] == "nack" for a in answers)
     assert "job %d (role client) ended Incomplete without calling it" % client2 in \
         answers[0]["error"]

@@ -124,14 +124,14 @@ def test_queries_wait_cooperatively(pg_schema):
     ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
     try:
         started = time.monotonic()
-        sleepers = [gevent.spawn(st._one, "SELECT pg_sleep(0.3)") for _ in range(5)]
+        sleepers = [gevent.spawn(st._one, "SELECT pg_sleep(1)") for _ in range(5)]
         gevent.joinall(sleepers, raise_error=True)
         elapsed = time.monotonic() - started
     finally:
         ticker.kill()
         st.close()
-    assert elapsed < 0.9, elapsed       # five 0.3 s queries at once, not one after another
-    assert len(ticks) >= 15             # and the hub kept running meanwhile
+    assert elapsed < 3.5, elapsed       # five 1 s queries at once, not one after another
+    assert len(ticks) >= 20             # and the hub kept running meanwhile
 
 
 def test_a_killed_query_never_leaves_a_broken_connection_in_the_pool(pg_schema):

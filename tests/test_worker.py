@@ -105,18 +105,18 @@ def test_ping_follows_the_pong_interval(master, workers, tmp_path):
     spawn(workers, master, tmp_path / "work")
     master.connect(HOST)
     sent = time.monotonic()
-    master.send(HOST, protocol.pong(1))
-    ping_at, _, frames = master.expect("PING", timeout=5)
+    master.send(HOST, protocol.pong(2))
+    ping_at, _, frames = master.expect("PING", timeout=10)
     assert frames == [b"PING"]
-    assert 0.9 <= ping_at - sent < 2.0
+    assert 1.9 <= ping_at - sent < 5.0  # the 2 s asked for (late on a loaded machine)
     # Below the minimum (1 here) and non-integer intervals are refused: the worker keeps
-    # its 1 s period instead of flooding the master.
+    # a period of seconds instead of flooding the master.
     master.send(HOST, protocol.pong(0))
     master.send(HOST, [b"PONG", b"abc"])
     start = len(master.messages)
-    master.idle(1.6)
+    master.idle(3.5)
     pings = [a for a in master.actions(start) if a == "PING"]
-    assert 1 <= len(pings) <= 2
+    assert 1 <= len(pings) <= 5
 
 
 @pytest.mark.timeout(60)
