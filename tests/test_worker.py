@@ -359,6 +359,26 @@ def test_worker_killed_while_starting_a_runner(master, workers, tmp_path, moment
 
 
 @pytest.mark.timeout(60)
+def test_a_leftover_job_dir_without_a_row_is_started_afresh(master, workers, tmp_path):
+    """A job dir the table does not know (a lost job table, ids reused after a database
+    reset), marked as started by a runner long gone: START runs the job anew."""
+    work = tmp_path / "work"
+    old = tmp_path / "work" / "tmp" / "43"
+    old.mkdir(parents=True)
+    for name in ("runner.lock", "runner.started"):
+        (old / name).touch()
+    (old / "description.yaml").write_text("old_job: true\n")
+    runs = tmp_path / "runs"
+    spawn(workers, master, work)
+    master.connect(HOST)
+    master.send(HOST, start_frames(43, job_yaml(["echo ran >> %s" % runs])))
+    master.expect("START_OK", job_id=43)
+    _, _, frames = master.expect("END", job_id=43, timeout=20)
+    assert "old_job" not in description_of(frames)
+    assert runs.read_text() == "ran\n"
+
+
+@pytest.mark.timeout(60)
 def test_a_runner_holds_its_jobs_lock_and_a_second_one_never_runs(tmp_path):
     from lavacore.worker import jobdir
 

@@ -147,6 +147,8 @@ def runner_state(job_dir):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return "running"
+    except OSError:  # a filesystem without locks (ENOLCK): as if there were no lock file
+        return "unknown"
     finally:
         os.close(fd)  # (releases it when taken)
     return "ended" if os.path.exists(os.path.join(job_dir, RUN_MARK)) else "never"
@@ -155,9 +157,19 @@ def runner_state(job_dir):
 def _holder(lock_fd, mark):
     """The runner's first act, in the child between fork and exec: take the job's lock
     (held across exec until the runner ends) or exit without running when another
-    runner of the job holds it; then leave the mark that it started."""
+    runner of the job holds it; then leave the mark that it started. (Until the child
+    closes the worker's descriptors, after this, it also holds the worker's own lock of
+    its work dir, so a restarted worker cannot look at the job while a child of the dead
+    one sits between fork and exec without the runner lock.)"""
     def hold():
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise  # another runner of this job: this one does not run
+        except OSError:
+            return  # no locks on this filesystem: run without (runner_state: "unknown")
+        # Without its mark an ended runner would look never started: not run at all
+        # (a full disk, say: the job ends with the error) rather than maybe twice.
         os.close(os.open(mark, os.O_WRONLY | os.O_CREAT, 0o644))
     return hold
 

@@ -52,8 +52,10 @@ log = logging.getLogger("lavacore.worker")
 
 MASTER = protocol.MASTER_IDENTITY
 # Seconds a runner may hold its lock without being found by its command line (see
-# Worker._starting) before the job counts as ended.
-STARTING_GRACE = 60.0
+# Worker._starting) before the job counts as ended: a restarted worker can only meet a
+# child of the dead one between the moment it closes the worker's descriptors and its
+# exec, so this is ample; what holds the lock longer is a process an ended runner left.
+STARTING_GRACE = 10.0
 
 _wake_ids = itertools.count()
 _EVENT_NAMES = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed",
@@ -560,7 +562,7 @@ class Worker:
             return
         prefix = jobdir.prefix(job_id, dispatcher)
         job_dir = self._job_dir(prefix, job_id)
-        if jobdir.runner_state(job_dir) in ("running", "ended"):
+        if procs.find_runner(job_id, job_dir) is not None:
             self._runner_already_there(job_id, prefix)
             return
         lock = None
@@ -577,17 +579,7 @@ class Worker:
             # lock that none started (_settled), instead of starting a second one or
             # reporting a job that never ran as ended.
             self.table.insert(job_id, 0, RUNNING, self.clock(), prefix)
-            try:
-                proc = jobdir.spawn(argv, job_dir, env, self.run_as, lock)
-            except (OSError, subprocess.SubprocessError):  # (what the lock raised, or not)
-                os.close(lock)  # (the lock is the open file's: ours would count too)
-                lock = None
-                if jobdir.runner_state(job_dir) == "running":
-                    # An earlier worker's runner of this job took the lock first. (A
-                    # runner that could not be executed released it: not this case.)
-                    self._runner_already_there(job_id, prefix)
-                    return
-                raise
+            proc = jobdir.spawn(argv, job_dir, env, self.run_as, lock)
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             # Spec 4.4 step 5-6: START_OK anyway; the END that follows carries the reason.
             reason = "cannot start the runner of job %d: %s" % (job_id, exc)
@@ -618,10 +610,12 @@ class Worker:
         return self.runner
 
     def _runner_already_there(self, job_id, prefix):
-        """START for a job whose runner, started by an earlier worker process, runs or
-        ran: tracked again (its pid is found by the job check), never started twice."""
+        """START for a job this worker has no row for, whose runner (started by an
+        earlier worker process) runs: tracked again (its pid is found by the job
+        check), never started twice."""
         log.warning("job %d: START for a job whose runner an earlier worker process"
-                    " started: START_OK sent, its runner is tracked again", job_id)
+                    " started and still runs: START_OK sent, its runner is tracked again",
+                    job_id)
         self.table.insert(job_id, 0, RUNNING, self.clock(), prefix)
         self._send(protocol.start_ok(job_id))
 
@@ -810,7 +804,7 @@ class Worker:
         """True for a row without pid whose runner holds its lock but is not found by its
         command line yet: between fork and exec, a matter of milliseconds; after
         STARTING_GRACE what holds the lock is what an ended runner left behind."""
-        return (self.clock() - row.last_update < STARTING_GRACE and
+        return (0 <= self.clock() - row.last_update < STARTING_GRACE and
                 jobdir.runner_state(self._job_dir(row.prefix, row.id)) == "running")
 
     def _reap(self, job_id):
