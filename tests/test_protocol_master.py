@@ -2,7 +2,9 @@
 
 import lzma
 import os
+import time
 
+import gevent
 import pytest
 import yaml
 
@@ -277,6 +279,33 @@ def test_a_periodic_pass_leaves_a_fresh_start_alone(lab):
     assert worker.expect("START", skip=(b"PONG",)) == first
     worker.send("START_OK", job_id)
     lab.wait_for(lambda: lab.job(job_id).state == JobState.RUNNING)
+
+
+def test_a_pass_woken_while_placing_jobs_leaves_the_loop_a_gap(lab):
+    """Wake-ups faster than passes (devices freed one after another under load): the
+    next pass waits as long as the last one took, so what frees meanwhile goes in one
+    pass instead of one pass, with its fixed cost, per device."""
+    lab = lab()
+    worker = lab.worker()
+    master = lab.master
+    real = master.schedule_pass
+    passes = []
+
+    def timed():
+        started = time.monotonic()
+        placed = real()
+        if placed and not any(p[2] for p in passes):
+            master.scheduler.wake()  # woken again while this pass placed a job...
+            gevent.sleep(0.03)       # ...and the pass took 30 ms or more
+        passes.append((started, time.monotonic(), placed))
+        return placed
+
+    master.schedule_pass = timed
+    lab.submit()
+    worker.expect("START")
+    lab.wait_for(lambda: any(p[2] for p in passes[:-1]), what="a pass after the placing one")
+    index = next(i for i, p in enumerate(passes) if p[2])
+    assert passes[index + 1][0] - passes[index][1] >= 0.03
 
 
 def test_cancel_running_job_sends_cancel_until_end(lab):

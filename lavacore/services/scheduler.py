@@ -2,13 +2,13 @@
 
 A wake-up (a job submitted, a device freed, a worker online) runs a pass at once, so an
 idle device gets its START in milliseconds; wake-ups that arrive during a pass are merged
-into the next one. When wake-ups come faster than passes (jobs ending one after another,
-a wake-up arriving while a pass places jobs), the next pass waits as long as the last one took
-(at most MAX_GAP), so the rest of the master keeps at least half the loop and each pass
-places every device freed meanwhile, instead of one pass, with its fixed cost of
-statements, per device; a wake-up that finds the scheduler idle runs a pass at once. A
-full pass also resends START to jobs still Scheduled and CANCEL to jobs still Canceling,
-which is how protocol v3 copes with lost messages.
+into the next one. When wake-ups come faster than passes (jobs ending one after
+another: a wake-up arriving while a pass places jobs), the next pass waits as long as the
+last one took (at most MAX_GAP), so the rest of the master keeps at least half the loop
+and each pass places every device freed meanwhile, instead of one pass, with its fixed
+cost of statements, per device; a wake-up after a pass that placed nothing runs a pass
+at once. A full pass also resends START to jobs still Scheduled and CANCEL to jobs still
+Canceling, which is how protocol v3 copes with lost messages.
 """
 
 import time
