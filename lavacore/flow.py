@@ -174,19 +174,10 @@ class Flow:
     def running(self, job_id):
         """START_OK: Scheduled -> Running. Any later state is left alone (a START_OK for a
         Canceling job is normal: LAVA's worker does it)."""
-        st = self.storage
-        with st.transaction():
-            job = st.get_job(job_id, lock=True)
-            if job.state >= JobState.RUNNING:
-                return None
-            old = job.state
-            job.state, job.start_time = JobState.RUNNING, self.clock.time()
-            st.update_job(job_id, state=job.state, start_time=job.start_time)
-            device = None
-            if job.actual_device:
-                device = st.get_device(job.actual_device, lock=True)
-                device.state = DeviceState.RUNNING
-                st.update_device(device.hostname, state=device.state)
+        found = self.storage.mark_running(job_id, self.clock.time())
+        if found is None:
+            return None
+        job, old, device = found
         self._job_changed(job, old, device)
         return job
 

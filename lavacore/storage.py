@@ -525,6 +525,24 @@ class SQLStorage(AccountStorage):
     def update_job(self, job_id, **fields):
         self._update(JOBS, int(job_id), fields)
 
+    def mark_running(self, job_id, now):
+        """START_OK: the job Running since ``now`` and its device (if any) Running, in one
+        transaction, unless the job is Running or beyond already. Returns (job, its state
+        before, device or None), or None when nothing changed; NotFound for no such job."""
+        with self.transaction():
+            job = self.get_job(job_id, lock=True)
+            if job.state >= JobState.RUNNING:
+                return None
+            old = job.state
+            job.state, job.start_time = JobState.RUNNING, now
+            self.update_job(job.id, state=job.state, start_time=now)
+            device = None
+            if job.actual_device:
+                device = self.get_device(job.actual_device, lock=True)
+                device.state = DeviceState.RUNNING
+                self.update_device(device.hostname, state=device.state)
+        return job, old, device
+
     # -- placing many jobs at once (a scheduling pass) ----------------------------------
 
     def claim_many(self, pairs):

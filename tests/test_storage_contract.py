@@ -247,6 +247,34 @@ def test_a_pass_claims_and_places_many_jobs_at_once(storage):
     assert storage.count_jobs(state=JobState.SCHEDULED) == 620
 
 
+def test_start_ok_marks_the_job_and_its_device_running(storage):
+    """mark_running (START_OK): job and device Running at once, the state before
+    returned; nothing changed for a job Running or beyond; a job without device alone;
+    NotFound for no such job. (PostgreSQL: one statement.)"""
+    online_device(storage, "dev1", "qemu", "w1")
+    placed, alone, late = storage.insert_jobs([job(), job(), job()])
+    storage.set_scheduled([(placed, "dev1", "w1")])
+    storage.update_job(alone, state=JobState.SCHEDULED, worker="w1")
+    storage.update_job(late, state=JobState.CANCELING, worker="w1")
+    got, old, device = storage.mark_running(placed, 1234.5)
+    assert (got.id, got.state, got.start_time, old) == (
+        placed, JobState.RUNNING, 1234.5, JobState.SCHEDULED)
+    assert got == storage.get_job(placed)
+    assert (device.hostname, device.state, device.current_job) == (
+        "dev1", DeviceState.RUNNING, placed)
+    assert device == storage.get_device("dev1")
+    assert storage.mark_running(placed, 2000.0) is None
+    assert storage.get_job(placed).start_time == 1234.5
+    got, old, device = storage.mark_running(alone, 99.0)
+    assert (got.state, old, device) == (JobState.RUNNING, JobState.SCHEDULED, None)
+    assert storage.mark_running(late, 99.0) is None
+    assert storage.get_job(late).state == JobState.CANCELING
+    with pytest.raises(NotFound, match="job 999999 does not exist"):
+        storage.mark_running(999999, 1.0)
+    with pytest.raises(NotFound):
+        storage.mark_running(10 ** 20, 1.0)
+
+
 def test_insert_many_jobs_keeps_order(storage):
     jobs = [job(priority=i % 100, description="job %d" % i) for i in range(1203)]
     ids = storage.insert_jobs(jobs)

@@ -29,10 +29,10 @@ import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
 
-from lavacore.states import JobState
-from lavacore.storage import (DDL, DEVICES, JOBS, QUEUE_ORDER, QUEUED_JOBS, SCHEMA_VERSION,
-                              NotFound, SQLStorage, StorageError, decode_queued_job,
-                              upgrade_statements)
+from lavacore.states import DeviceState, JobState
+from lavacore.storage import (DDL, DEVICES, JOBS, MAX_JOB_ID, QUEUE_ORDER, QUEUED_JOBS,
+                              SCHEMA_VERSION, NotFound, SQLStorage, StorageError,
+                              decode_queued_job, upgrade_statements)
 
 from . import green
 from .leader import Leadership
@@ -512,6 +512,33 @@ class PostgresStorage(SQLStorage):
             return None
         split = len(JOBS.names)
         return JOBS.decode(row[:split]), DEVICES.decode(row[split:])
+
+    def mark_running(self, job_id, now):
+        """:meth:`SQLStorage.mark_running` in one statement (one round trip, atomic on its
+        own): the job locked, then updated with its device, locked in the same order as
+        every other transaction that takes both (job first)."""
+        job_id = int(job_id)
+        if not 0 < job_id <= MAX_JOB_ID:
+            raise NotFound("job %d does not exist" % job_id)
+        columns = ", ".join(["j." + c for c in JOBS.names] + ["d." + c for c in DEVICES.names])
+        row = self._one(
+            "WITH old AS (SELECT id, state FROM jobs WHERE id = ? FOR UPDATE),"
+            " j AS (UPDATE jobs SET state = ?, start_time = ? FROM old"
+            " WHERE jobs.id = old.id AND old.state < ? RETURNING jobs.*, old.state AS was),"
+            " d AS (UPDATE devices SET state = ? FROM j WHERE devices.hostname ="
+            " j.actual_device RETURNING devices.*)"
+            " SELECT (SELECT COUNT(*) FROM old), j.was, %s FROM (SELECT 1) AS one"
+            " LEFT JOIN j ON true LEFT JOIN d ON true" % columns,
+            (job_id, int(JobState.RUNNING), now, int(JobState.RUNNING),
+             int(DeviceState.RUNNING)))
+        if not row[0]:
+            raise NotFound("job %d does not exist" % job_id)
+        if row[1] is None:
+            return None  # Running or beyond already
+        split = 2 + len(JOBS.names)
+        job = JOBS.decode(row[2:split])
+        device = DEVICES.decode(row[split:]) if row[split] is not None else None
+        return job, JobState(row[1]), device
 
     # -- one active master per database ---------------------------------------------------
 
