@@ -160,14 +160,11 @@ class Flow:
 
     def schedule_dynamic(self, job_id, worker):
         """A dynamic connection (no device) -> Scheduled on ``worker``."""
-        st = self.storage
-        with st.transaction():
-            job = st.get_job(job_id, lock=True)
-            if job.state >= JobState.SCHEDULED:
-                return None
-            old = job.state
-            job.state, job.worker = JobState.SCHEDULED, worker
-            st.update_job(job_id, state=job.state, worker=worker)
+        with self.storage.transaction():
+            found = self.storage.advance_job(job_id, JobState.SCHEDULED, worker=worker)
+        if found is None:
+            return None
+        job, old = found
         self._job_changed(job, old)
         return job
 

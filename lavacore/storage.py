@@ -525,17 +525,29 @@ class SQLStorage(AccountStorage):
     def update_job(self, job_id, **fields):
         self._update(JOBS, int(job_id), fields)
 
+    def advance_job(self, job_id, state, **fields):
+        """Inside the caller's transaction: the job locked and moved to ``state`` (and
+        ``fields``) unless it is there or beyond already. (job, its state before), or
+        None when nothing changed; NotFound for no such job."""
+        job = self.get_job(job_id, lock=True)
+        if job.state >= state:
+            return None
+        old = job.state
+        job.state = state
+        for name, value in fields.items():
+            setattr(job, name, value)
+        self.update_job(job.id, state=state, **fields)
+        return job, old
+
     def mark_running(self, job_id, now):
         """START_OK: the job Running since ``now`` and its device (if any) Running, in one
         transaction, unless the job is Running or beyond already. Returns (job, its state
         before, device or None), or None when nothing changed; NotFound for no such job."""
         with self.transaction():
-            job = self.get_job(job_id, lock=True)
-            if job.state >= JobState.RUNNING:
+            found = self.advance_job(job_id, JobState.RUNNING, start_time=now)
+            if found is None:
                 return None
-            old = job.state
-            job.state, job.start_time = JobState.RUNNING, now
-            self.update_job(job.id, state=job.state, start_time=now)
+            job, old = found
             device = None
             if job.actual_device:
                 device = self.get_device(job.actual_device, lock=True)
