@@ -388,20 +388,23 @@ def test_a_runner_holds_its_jobs_lock_and_a_second_one_never_runs(tmp_path):
     assert jobdir.runner_state(str(job)) == "unknown"  # not started by this code
     lock = jobdir.open_run_lock(str(job))
     assert jobdir.runner_state(str(job)) == "never"
-    waiting = "import os, time\nwhile not os.path.exists(%r): time.sleep(0.02)\n" % str(flag)
+    waiting = ("import os, time\nfor _ in range(1500):\n    if os.path.exists(%r): break\n"
+               "    time.sleep(0.02)\n" % str(flag))  # (30 s at most, whatever happens)
     try:
         first = jobdir.spawn([PY, "-c", waiting], str(job), dict(os.environ), lock_fd=lock)
     finally:
         os.close(lock)
-    assert jobdir.runner_state(str(job)) == "running"
-    lock = jobdir.open_run_lock(str(job))
     try:
-        with pytest.raises((OSError, subprocess.SubprocessError)):  # the lock's error
-            jobdir.spawn([PY, "-c", "open(%r, 'w')" % str(second)], str(job),
-                         dict(os.environ), lock_fd=lock)
+        assert jobdir.runner_state(str(job)) == "running"
+        lock = jobdir.open_run_lock(str(job))
+        try:
+            with pytest.raises((OSError, subprocess.SubprocessError)):  # the lock's error
+                jobdir.spawn([PY, "-c", "open(%r, 'w')" % str(second)], str(job),
+                             dict(os.environ), lock_fd=lock)
+        finally:
+            os.close(lock)
     finally:
-        os.close(lock)
-    flag.touch()
+        flag.touch()
     assert first.wait(10) == 0
     assert jobdir.runner_state(str(job)) == "ended"
     assert not second.exists()
