@@ -139,9 +139,7 @@ def runner_state(job_dir):
     runner ever took it) or "unknown" (no lock file: not started by this code)."""
     try:
         fd = os.open(os.path.join(job_dir, RUN_LOCK), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return "unknown"
-    except OSError:
+    except OSError:  # none (not started by this code), or unreadable
         return "unknown"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -625,9 +625,9 @@ class Worker:
         was never acknowledged, so the master sends it again, and that START runs it."""
         if row is None or row.pid != 0 or row.status not in (RUNNING, CANCELING):
             return row
-        job_dir = self._job_dir(row.prefix, row.id)
-        if procs.find_runner(row.id, job_dir) is not None or \
-                jobdir.runner_state(job_dir) != "never":
+        if self._alive(row):
+            return self.table.get(row.id)  # its runner found: the row has its pid now
+        if jobdir.runner_state(self._job_dir(row.prefix, row.id)) != "never":
             return row
         self.table.delete(row.id)
         log.warning("job %d: its runner never started (the worker stopped while starting"
@@ -742,13 +742,11 @@ class Worker:
         for row in self.table.all():
             if row.status == DONE:
                 continue
-            if self._settled(row) is None:
+            row = self._settled(row)
+            if row is None:
                 continue  # never started: the master's next START runs it
-            if row.pid == 0 and row.status != FINISHED:
-                if self._alive(row):
-                    row = self.table.get(row.id)  # its runner found: the row has its pid
-                elif self._starting(row):
-                    continue  # between fork and exec: found at a later check
+            if row.pid == 0 and row.status != FINISHED and self._starting(row):
+                continue  # between fork and exec: found at a later check
             if row.status == FINISHED:
                 # lava-slave does not refresh last_update, so END goes out at every check
                 # until END_OK; the 10% slack absorbs timer jitter between two checks.
